@@ -1,0 +1,3 @@
+from globloc.cli import main
+
+main()

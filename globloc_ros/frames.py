@@ -1,0 +1,125 @@
+"""Frame conventions: the one place that says how poses, quaternions, intrinsics and pixels are laid out.
+
+- Camera frame = ROS optical frame = OpenCV: x right, y down, z forward.
+- A pose is T_map_cam (4x4): X_map = R @ X_cam + t; t is the camera centre in the map. Metres.
+- Quaternions crossing an API are (x, y, z, w), as in ROS messages and roma. transforms3d uses
+  (w, x, y, z) internally; the conversion happens only in this module.
+- Pixel (u, v) has its origin at the centre of the top-left pixel. A stride-s feature map's cell
+  (i, j) sits at u = s*j + (s-1)/2, v = s*i + (s-1)/2 in input pixels.
+- Resizing by (sx, sy) maps pixel centres as u' = (u + 0.5) * sx - 0.5, so fx' = fx*sx and
+  cx' = (cx + 0.5)*sx - 0.5 (likewise y). METHOD.md states the plain cx*sx; the pixel-centre rule
+  is the exact one under our pixel convention and agrees with the cell-centre formula above.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transforms3d.quaternions as t3q
+
+
+def quat_xyzw_to_matrix(q_xyzw: np.ndarray) -> np.ndarray:
+    """(4,) quaternion (x, y, z, w) -> (3, 3) rotation. Raises ValueError unless finite and unit (1e-3)."""
+    q = np.asarray(q_xyzw, dtype=np.float64)
+    if q.shape != (4,) or not np.all(np.isfinite(q)):
+        raise ValueError(f'quaternion must be 4 finite numbers (x, y, z, w), got {q.tolist()}')
+    norm = np.linalg.norm(q)
+    if abs(norm - 1.0) > 1e-3:
+        raise ValueError(f'quaternion (x, y, z, w) {q.tolist()} is not unit (norm {norm:.6f})')
+    return t3q.quat2mat([q[3], q[0], q[1], q[2]])
+
+
+def matrix_to_quat_xyzw(R: np.ndarray) -> np.ndarray:
+    """(3, 3) rotation -> (4,) unit quaternion (x, y, z, w) with w >= 0."""
+    w, x, y, z = t3q.mat2quat(np.asarray(R, dtype=np.float64))
+    q = np.array([x, y, z, w])
+    return q if w >= 0 else -q
+
+
+def pose_matrix(R: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """R (3, 3), t (3,) -> T (4, 4)."""
+    T = np.eye(4)
+    T[:3, :3] = R
+    T[:3, 3] = t
+    return T
+
+
+def pose_from_xyz_quat(xyz, q_xyzw) -> np.ndarray:
+    """Position (3,) and quaternion (x, y, z, w) -> T (4, 4)."""
+    return pose_matrix(quat_xyzw_to_matrix(q_xyzw), np.asarray(xyz, dtype=np.float64))
+
+
+def pose_to_xyz_quat(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """T (4, 4) -> position (3,), quaternion (x, y, z, w)."""
+    return T[:3, 3].copy(), matrix_to_quat_xyzw(T[:3, :3])
+
+
+def invert_pose(T: np.ndarray) -> np.ndarray:
+    """Inverse of a rigid (..., 4, 4) transform without a general matrix inverse."""
+    R = T[..., :3, :3]
+    t = T[..., :3, 3:]
+    Ti = np.zeros_like(T)
+    Ti[..., :3, :3] = np.swapaxes(R, -1, -2)
+    Ti[..., :3, 3:] = -np.swapaxes(R, -1, -2) @ t
+    Ti[..., 3, 3] = 1.0
+    return Ti
+
+
+def relative_pose(T_map_i: np.ndarray, T_map_j: np.ndarray) -> np.ndarray:
+    """T_i_j = T_map_i^-1 T_map_j: camera j's pose in camera i's frame."""
+    return invert_pose(T_map_i) @ T_map_j
+
+
+def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """K (3, 3) of an image resized by (sx, sy) (pixel-centre rule, see module docstring)."""
+    K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[0, 0] *= sx
+    K2[1, 1] *= sy
+    K2[0, 2] = (K2[0, 2] + 0.5) * sx - 0.5
+    K2[1, 2] = (K2[1, 2] + 0.5) * sy - 0.5
+    return K2
+
+
+def scale_intrinsics_torch(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
+    """Batched (B, 3, 3) version of scale_intrinsics."""
+    scale = K.new_tensor([[sx, 1.0, sx], [1.0, sy, sy], [1.0, 1.0, 1.0]])
+    offset = K.new_tensor([[0.0, 0.0, 0.5 * sx - 0.5], [0.0, 0.0, 0.5 * sy - 0.5], [0.0, 0.0, 0.0]])
+    return K * scale + offset
+
+
+def cell_centres(h: int, w: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Pixel coordinates (h*w, 2) as (u, v) of the cells of a stride-s map, row-major over (i, j)."""
+    v = torch.arange(h, device=device, dtype=dtype) * stride + (stride - 1) / 2
+    u = torch.arange(w, device=device, dtype=dtype) * stride + (stride - 1) / 2
+    vv, uu = torch.meshgrid(v, u, indexing='ij')
+    return torch.stack([uu.reshape(-1), vv.reshape(-1)], dim=-1)
+
+
+def backproject(depth: torch.Tensor, uv: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """Camera-frame points X_cam = d * K^-1 [u, v, 1]^T.
+
+    depth (B, N) metres, uv (N, 2) or (B, N, 2) pixels, K (B, 3, 3) -> (B, N, 3).
+    Written with the four intrinsics (no matrix inverse op) so that it exports to ONNX/TensorRT.
+    """
+    fx, fy = K[:, 0, 0, None], K[:, 1, 1, None]
+    cx, cy = K[:, 0, 2, None], K[:, 1, 2, None]
+    u, v = uv[..., 0], uv[..., 1]
+    return torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)
+
+
+def project(X_cam: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Camera-frame points (N, 3) -> pixels (N, 2) and depth z (N,)."""
+    z = X_cam[:, 2]
+    uv = (X_cam @ K.T)[:, :2] / z[:, None]
+    return uv, z
+
+
+def rotation_error_deg(R_est: np.ndarray, R_gt: np.ndarray) -> np.ndarray:
+    """Angle (degrees) of R_est^T R_gt for (..., 3, 3) inputs."""
+    c = (np.trace(np.swapaxes(R_est, -1, -2) @ R_gt, axis1=-2, axis2=-1) - 1.0) / 2.0
+    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def pose_errors(T_est: np.ndarray, T_gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Translation error (m) and rotation error (deg) of (..., 4, 4) poses T_map_cam."""
+    dt = np.linalg.norm(T_est[..., :3, 3] - T_gt[..., :3, 3], axis=-1)
+    return dt, rotation_error_deg(T_est[..., :3, :3], T_gt[..., :3, :3])

@@ -1,0 +1,152 @@
+"""GlobLocNet: one CNN, three heads (METHOD.md section 2), and the pose from their alignment.
+
+Per cell of a stride-8 map the network predicts
+- scene_coords (B, 3, h, w): X_map in metres, as c + sigma * out (c, sigma from the training scene);
+- depth (B, 1, h, w): metres, depth_min + softplus(out) * depth_scale, clamped to depth_max;
+- weights (B, h*w): softmax over the cells, so they sum to 1.
+cam_coords = depth * K^-1 [u, v, 1] at the cell centres (frames.cell_centres), and align_weighted
+turns (cam_coords, scene_coords, weights) into T_map_cam.
+
+The backbone is a plain conv stack (no normalisation layers: per-sample behaviour keeps
+single-process and distributed training identical and nothing is left to fold at export).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from globloc_ros.align import Alignment, align_weighted
+from globloc_ros.frames import backproject, cell_centres
+
+
+@dataclass
+class NetConfig:
+    """Everything needed to rebuild the network and use it; stored inside the model file."""
+    input_size: tuple[int, int] = (320, 240)  # (W, H) the network is fed at
+    stride: int = 8
+    widths: tuple[int, int, int] = (32, 64, 96)  # stride 2, 4, 8 stages
+    head_width: int = 128
+    mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, on 0..255
+    std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+    scene_centre: tuple[float, float, float] = (0.0, 0.0, 0.0)  # c, map frame, metres
+    scene_scale: float = 1.0  # sigma, metres
+    depth_min: float = 0.1
+    depth_scale: float = 1.0
+    depth_max: float = 20.0
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> 'NetConfig':
+        d = dict(d)
+        for key in ('input_size', 'widths', 'mean', 'std', 'scene_centre'):
+            d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class Prediction(NamedTuple):
+    """Network output. scene_coords (B, 3, h, w) map frame; depth (B, 1, h, w) m;
+    weights (B, h*w) sum to 1; cam_coords (B, h*w, 3) camera frame; pose: Alignment."""
+    scene_coords: torch.Tensor
+    depth: torch.Tensor
+    weights: torch.Tensor
+    cam_coords: torch.Tensor
+    pose: Alignment
+
+
+def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation),
+                         nn.ReLU(inplace=True))
+
+
+class _Residual(nn.Module):
+    def __init__(self, width: int, dilation: int):
+        super().__init__()
+        self.conv = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        nn.init.zeros_(self.conv.bias)
+        self.conv.weight.data.mul_(0.5)  # keeps the residual sum's scale at init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.conv(x))
+
+
+class GlobLocNet(nn.Module):
+    def __init__(self, config: NetConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or NetConfig()
+        if cfg.stride != 8:
+            raise ValueError(f'only stride 8 is implemented, config says {cfg.stride}')
+        w2, w4, w8 = cfg.widths
+        self.backbone = nn.Sequential(
+            _conv(3, w2, 2), _conv(w2, w4, 2), _conv(w4, w8, 2),
+            _Residual(w8, 1), _Residual(w8, 2), _Residual(w8, 4))
+        self.trunk = nn.Sequential(nn.Conv2d(w8, cfg.head_width, 1), nn.ReLU(inplace=True))
+        self.scene_head = nn.Conv2d(cfg.head_width, 3, 1)
+        self.depth_head = nn.Conv2d(cfg.head_width, 1, 1)
+        self.weight_head = nn.Conv2d(cfg.head_width, 1, 1)
+        for head in (self.scene_head, self.depth_head, self.weight_head):
+            nn.init.zeros_(head.bias)
+            head.weight.data.mul_(0.1)
+        self.register_buffer('mean', torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('centre', torch.tensor(cfg.scene_centre).view(1, 3, 1, 1), persistent=False)
+
+    def heads(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image (B, 3, H, W) RGB on 0..255 -> features (B, C, h, w), scene_coords (B, 3, h, w),
+        depth (B, 1, h, w), weight logits (B, h*w)."""
+        cfg = self.config
+        feats = self.trunk(self.backbone((image - self.mean) / self.std))
+        scene = self.centre + cfg.scene_scale * self.scene_head(feats)
+        depth = cfg.depth_min + F.softplus(self.depth_head(feats)) * cfg.depth_scale
+        depth = depth.clamp(max=cfg.depth_max)
+        return feats, scene, depth, self.weight_head(feats).flatten(1)
+
+    def forward(self, image: torch.Tensor, K: torch.Tensor, solver: str = 'horn') -> Prediction:
+        """image (B, 3, H, W) RGB on 0..255, K (B, 3, 3) of that image -> Prediction (pose T_map_cam)."""
+        _, scene, depth, logits = self.heads(image)
+        B, _, h, w = scene.shape
+        weights = torch.softmax(logits, dim=1)
+        uv = cell_centres(h, w, self.config.stride, device=image.device, dtype=image.dtype)
+        cam = backproject(depth.flatten(1), uv, K)
+        map_pts = scene.flatten(2).transpose(1, 2)
+        return Prediction(scene, depth, weights, cam, align_weighted(cam, map_pts, weights, solver))
+
+
+class PoseGraph(nn.Module):
+    """The deployable graph: image (B, 3, H, W) 0..255 RGB + K (B, 3, 3) -> T_map_cam (B, 4, 4),
+    residual (B,), n_eff (B,), spread (B,). Network, cam coords and Horn alignment in one graph,
+    so ONNX / TensorRT run all of it."""
+
+    def __init__(self, net: GlobLocNet):
+        super().__init__()
+        self.net = net
+
+    def forward(self, image: torch.Tensor, K: torch.Tensor):
+        pose = self.net(image, K).pose
+        bottom = torch.zeros_like(pose.t[:, None, :]).expand(-1, 1, 3)
+        last = torch.cat([pose.t[:, :, None], torch.ones_like(pose.t[:, :1, None])], 1)
+        T = torch.cat([torch.cat([pose.R, bottom], 1), last], 2)
+        return T, pose.residual, pose.n_eff, pose.spread
+
+
+def count_macs(net: GlobLocNet, width: int, height: int) -> int:
+    """Multiply-accumulates of the conv layers for one (W, H) image."""
+    macs = 0
+
+    def hook(module, _inputs, output):
+        nonlocal macs
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        macs += output.numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net.heads(torch.zeros(1, 3, height, width))
+    for h in handles:
+        h.remove()
+    return macs

@@ -24,10 +24,10 @@ test: venv
 	$(VENV)/bin/python -m pytest -q test
 
 demo: venv
-	$(VENV)/bin/python -m globloc demo
+	$(VENV)/bin/python -m globloc_ros.demo
 
 demo-train: venv
-	$(VENV)/bin/python -m globloc demo --train
+	$(VENV)/bin/python -m globloc_ros.demo --train
 
 bench: venv
 	$(VENV)/bin/python -m globloc bench

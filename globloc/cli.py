@@ -17,7 +17,6 @@ SUBCOMMANDS = {
     'compare': ('globloc.compare', 'this method vs ablation vs baselines, one table'),
     'export': ('globloc.export', 'export a model to ONNX, TorchScript or a TensorRT engine'),
     'bench': ('globloc.bench', 'latency benchmark of the runtime backends'),
-    'demo': ('globloc.demo', 'the end-to-end demo: scene, node, replay, report'),
 }
 
 

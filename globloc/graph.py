@@ -1,0 +1,158 @@
+"""The relative-pose graph over all frames of all sequences (METHOD.md section 4, L_rel).
+
+Frames are numbered globally: index = position in the concatenation of all sequences' frames, in
+sequence order. An edge (i, j) carries T_i_j = T_map_i^-1 T_map_j (frame j's optical frame in frame i's,
+metres) and a 6x6 covariance in the order (x, y, z, rot x, rot y, rot z).
+
+- ADJACENT edges join frames 1..k apart within a sequence.
+- DISTANT edges join frames of different sequences, or of one sequence at least `distant_min_gap_frames`
+  apart, whose camera centres lie within a radius and whose optical axes lie within an angle.
+
+Edges come either from the bags' graph topic (`edges_from_bags`) or from the poses (`derive_edges`).
+Deriving assumes that all sequences share one map frame: do not derive distant edges across bags
+with unrelated maps (e.g. the SUN3D fragments, or different Strecha scenes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from globloc.bags import EdgeRecord, Sequence
+from globloc_ros import frames as fr
+
+ADJACENT, DISTANT = 0, 1
+KIND_NAMES = {ADJACENT: 'adjacent', DISTANT: 'distant'}
+# Derived edges come from ground-truth poses, so their uncertainty is that of the GT itself: about
+# 1 cm and 0.5 degree (standard deviations), a typical figure for SLAM / motion-capture references.
+GT_SIGMA_T_M = 0.01
+GT_SIGMA_R_RAD = float(np.radians(0.5))
+
+
+@dataclass
+class Edge:
+    """i, j: global frame indices (i < j for derived edges); kind: ADJACENT or DISTANT.
+
+    T_i_j (4, 4) = T_map_i^-1 T_map_j; covariance (6, 6) of T_i_j, (x, y, z, rot x, rot y, rot z).
+    """
+    i: int
+    j: int
+    kind: int
+    T_i_j: np.ndarray
+    covariance: np.ndarray
+
+
+def gt_covariance() -> np.ndarray:
+    """(6, 6) diagonal covariance given to edges derived from ground-truth poses."""
+    return np.diag([GT_SIGMA_T_M ** 2] * 3 + [GT_SIGMA_R_RAD ** 2] * 3)
+
+
+def derive_edges_from_poses(T_map_cam: np.ndarray, seq: np.ndarray, adjacent_k: int = 3,
+                            distant_radius_m: float = 1.0, distant_angle_deg: float = 30.0,
+                            distant_min_gap_frames: int = 30, max_distant_per_frame: int = 8,
+                            seed: int = 0) -> list[Edge]:
+    """Edges from poses alone. T_map_cam (N, 4, 4) in global frame order; seq (N,) sequence id per frame.
+
+    Frames of one sequence must be contiguous and in time order. Each frame picks at most
+    `max_distant_per_frame` distant partners at random (seeded); the resulting pairs are de-duplicated,
+    so a frame can end up in more distant edges when other frames pick it.
+    """
+    T = np.asarray(T_map_cam, dtype=np.float64)
+    seq = np.asarray(seq)
+    n = T.shape[0]
+    local = np.zeros(n, dtype=np.int64)  # index within its sequence
+    starts = np.flatnonzero(np.r_[True, seq[1:] != seq[:-1]])
+    for a, b in zip(starts, np.r_[starts[1:], n]):
+        local[a:b] = np.arange(b - a)
+
+    pairs_adj = []
+    for d in range(1, adjacent_k + 1):
+        i = np.arange(n - d)
+        i = i[seq[i] == seq[i + d]]
+        pairs_adj.append(np.stack([i, i + d], axis=1))
+    adj = np.concatenate(pairs_adj) if pairs_adj else np.zeros((0, 2), dtype=np.int64)
+    adj = adj[np.lexsort((adj[:, 1], adj[:, 0]))]
+
+    centres, axes = T[:, :3, 3], T[:, :3, 2]  # optical axis = third column of R
+    cos_min = np.cos(np.radians(distant_angle_deg))
+    rng = np.random.default_rng(seed)
+    picked = []
+    block = 512  # rows per block keeps the N x N comparison within a few tens of MB
+    for a in range(0, n, block):
+        rows = slice(a, min(a + block, n))
+        # Component by component: numpy is slow at reducing over a length-3 last axis.
+        d2 = sum((centres[rows, k, None] - centres[None, :, k]) ** 2 for k in range(3))
+        cos = sum(axes[rows, k, None] * axes[None, :, k] for k in range(3))
+        ok = (d2 <= distant_radius_m ** 2) & (cos >= cos_min)
+        same = seq[rows, None] == seq[None, :]
+        ok &= ~same | (np.abs(local[rows, None] - local[None, :]) >= distant_min_gap_frames)
+        ok[np.arange(ok.shape[0]), np.arange(rows.start, rows.stop)] = False  # never a frame with itself
+        # Up to max_distant_per_frame random candidates per row: the smallest random keys among the valid.
+        keys = np.where(ok, rng.random(ok.shape), np.inf)
+        m = min(max_distant_per_frame, n)
+        cols = np.argpartition(keys, m - 1, axis=1)[:, :m] if m else np.zeros((ok.shape[0], 0), np.int64)
+        r = np.broadcast_to(np.arange(rows.start, rows.stop)[:, None], cols.shape)
+        keep = np.isfinite(np.take_along_axis(keys, cols, axis=1))
+        picked.append(np.stack([np.minimum(r[keep], cols[keep]), np.maximum(r[keep], cols[keep])], axis=1))
+    dist = np.unique(np.concatenate(picked), axis=0) if picked else np.zeros((0, 2), dtype=np.int64)
+
+    cov = gt_covariance()
+    cov.setflags(write=False)  # one shared array for all derived edges
+    edges = []
+    for kind, pairs in ((ADJACENT, adj), (DISTANT, dist)):
+        if len(pairs) == 0:
+            continue
+        rel = fr.relative_pose(T[pairs[:, 0]], T[pairs[:, 1]])
+        edges += [Edge(int(i), int(j), kind, r, cov) for (i, j), r in zip(pairs, rel)]
+    return edges
+
+
+def derive_edges(sequences: list[Sequence], adjacent_k: int = 3, distant_radius_m: float = 1.0,
+                 distant_angle_deg: float = 30.0, distant_min_gap_frames: int = 30,
+                 max_distant_per_frame: int = 8, seed: int = 0) -> list[Edge]:
+    """Adjacent and distant edges from the frames' T_map_cam (see derive_edges_from_poses)."""
+    frames = [f for s in sequences for f in s.frames]
+    T = np.stack([f.T_map_cam for f in frames]) if frames else np.zeros((0, 4, 4))
+    seq = np.array([s.seq for s in sequences for _ in s.frames], dtype=np.int64)
+    return derive_edges_from_poses(T, seq, adjacent_k, distant_radius_m, distant_angle_deg,
+                                   distant_min_gap_frames, max_distant_per_frame, seed)
+
+
+def edges_from_bags(sequences: list[Sequence]) -> list[Edge] | None:
+    """Explicit edges from the bags' graph topic, matched to frames by (sequence id, image stamp).
+
+    None when no bag has the graph topic. Edges whose frames were not read (dropped, other sequences not
+    loaded, max_frames) are left out; so are duplicates (the same (i, j, kind) written twice).
+    """
+    if all(s.edges is None for s in sequences):
+        return None
+    index, g = {}, 0
+    for s in sequences:
+        for f in s.frames:
+            index[(s.seq, f.stamp_ns)] = g
+            g += 1
+    out, seen = [], set()
+    for s in sequences:
+        for e in s.edges or ():
+            i, j = index.get((e.seq_i, e.stamp_i_ns)), index.get((e.seq_j, e.stamp_j_ns))
+            if i is None or j is None or (i, j, e.kind) in seen:
+                continue
+            seen.add((i, j, e.kind))
+            out.append(Edge(i, j, e.kind, e.T_i_j, e.covariance))
+    return out
+
+
+def edge_records(edges: list[Edge], seq: np.ndarray, stamp_ns: np.ndarray) -> list[EdgeRecord]:
+    """Edges -> PoseGraphEdge records; seq (N,) and stamp_ns (N,) describe the global frames."""
+    return [EdgeRecord(seq_i=int(seq[e.i]), stamp_i_ns=int(stamp_ns[e.i]), seq_j=int(seq[e.j]),
+                       stamp_j_ns=int(stamp_ns[e.j]), kind=e.kind, T_i_j=e.T_i_j, covariance=e.covariance)
+            for e in edges]
+
+
+def edge_counts(edges: list[Edge]) -> dict[str, int]:
+    """{'adjacent': n, 'distant': m}."""
+    counts = {name: 0 for name in KIND_NAMES.values()}
+    for e in edges:
+        name = KIND_NAMES.get(e.kind, f'kind {e.kind}')
+        counts[name] = counts.get(name, 0) + 1
+    return counts

@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny synthetic scene (generated once per session) and the real example bags."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(seed=0, frames=24, sequences=3, size=(160, 120), label_fraction=0.005)
+
+
+@pytest.fixture(scope='session')
+def tiny_scene(tmp_path_factory) -> Path:
+    """Folder with seq_00, seq_01, seq_02 (24 frames each, 160x120, seed 0) and scene.json.
+
+    Made by `globloc.synth.generate(**TINY)`; seq_02 is held out, seq_01 has changed lighting.
+    Treat it as read-only: other tests share it.
+    """
+    from globloc import synth
+
+    out = tmp_path_factory.mktemp('tiny_scene')
+    synth.generate(out, progress=False, **TINY)
+    return out
+
+
+@pytest.fixture(scope='session')
+def real_bags() -> Path:
+    """../shared/data/bags relative to the repo root (five small real bags); skips when absent."""
+    path = (REPO / '..' / 'shared' / 'data' / 'bags').resolve()
+    if not path.is_dir() or not any(path.iterdir()):
+        pytest.skip(f'real example bags not found at {path}')
+    return path

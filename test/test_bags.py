@@ -1,0 +1,444 @@
+"""globloc.bags: round trips, an independent reader, geometry of the labels, the real bags, broken input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rosbags.rosbag2 import Reader, Writer
+from rosbags.rosbag2.enums import CompressionFormat, CompressionMode, StoragePlugin
+
+from globloc import bags, synth
+from globloc.bags import BagError, Frame, Topics
+from globloc_ros import frames as fr
+
+STAMP0 = 1_700_000_000 * 10**9
+
+
+def make_frames(n=5, size=(64, 48), nan_depth=True) -> list[Frame]:
+    """Rendered frames held in memory (the ground truth a round trip must reproduce)."""
+    renderer = synth.Renderer(*size)
+    poses = synth.path_poses(synth.sequence_paths(2, np.random.default_rng(3))[0], 40)[::8][:n]
+    out = []
+    for k, T in enumerate(poses):
+        image, depth = renderer.render(T, synth.NORMAL_LIGHT)
+        if nan_depth:
+            depth[k, :5] = np.nan
+        labels = bags.labels_from_depth(depth, renderer.K, T, 0.01, np.random.default_rng(k))
+        out.append(Frame(seq=0, index=k, stamp_ns=STAMP0 + k * 100_000_000 + 7, image=image,
+                         K=renderer.K.copy(), T_map_cam=T, depth=depth, landmarks=labels, frame_id='cam_opt'))
+    return out
+
+
+def rewrite(src: Path, dst: Path, edit=None, storage=StoragePlugin.MCAP) -> Path:
+    """Copy bag src to dst, message by message; edit(topic, msg, stamp_ns) -> msg, or None to drop it."""
+    store = bags.typestore()
+    writer = Writer(dst, version=9, storage_plugin=storage)
+    if storage == StoragePlugin.MCAP:
+        writer.set_compression(CompressionMode.STORAGE, CompressionFormat.ZSTD)
+    writer.open()
+    conns = {}
+    with Reader(src) as reader:
+        for conn, t, raw in reader.messages():
+            msg = store.deserialize_cdr(raw, conn.msgtype)
+            msgtype = conn.msgtype
+            if edit is not None:
+                msg = edit(conn.topic, msg, t)
+                if msg is None:
+                    continue
+                msgtype = msg.__msgtype__
+            if conn.topic not in conns:
+                conns[conn.topic] = writer.add_connection(conn.topic, msgtype, typestore=store)
+            writer.write(conns[conn.topic], t, store.serialize_cdr(msg, msgtype))
+    writer.close()
+    return dst
+
+
+def seq0(tiny_scene: Path) -> Path:
+    return tiny_scene / 'seq_00'
+
+
+def first_stamp(path: Path) -> str:
+    return bags._fmt_stamp(bags.read_sequence(path, progress=False).frames[0].stamp_ns)
+
+
+# ---------------------------------------------------------------------------------------------- round trips
+@pytest.mark.parametrize('compressed', [False, 'png'])
+def test_round_trip_exact(tmp_path, compressed):
+    frames = make_frames()
+    bags.write_sequence(tmp_path / 'bag', frames, compressed=compressed)
+    seq = bags.read_sequence(tmp_path / 'bag', label_fraction=0.01, progress=False)
+    assert len(seq.frames) == len(frames) and seq.report.matched == len(frames)
+    assert seq.report.labels == 'landmarks'
+    for a, b in zip(frames, seq.frames):
+        assert b.stamp_ns == a.stamp_ns and b.frame_id == 'cam_opt' and b.index == a.index
+        np.testing.assert_array_equal(b.image, a.image)
+        np.testing.assert_array_equal(b.K, a.K)
+        np.testing.assert_allclose(b.T_map_cam, a.T_map_cam, atol=1e-9, rtol=0)
+        assert b.depth.dtype == np.float32
+        np.testing.assert_array_equal(b.depth, a.depth)  # NaN positions included
+        np.testing.assert_array_equal(b.landmarks, a.landmarks)
+
+
+def test_round_trip_depth_mm_odometry_latched_info(tmp_path):
+    frames = make_frames(3)
+    topics = Topics(odometry='/odom', image='/cam/raw')
+    bags.write_sequence(tmp_path / 'bag', frames, topics=topics, camera_info_once=True, depth_encoding='16UC1')
+    seq = bags.read_sequence(tmp_path / 'bag', topics=topics, label_fraction=0.01, progress=False)
+    assert seq.report.counts['/camera/camera_info'] == 1 and seq.report.counts['/odom'] == 3
+    assert len(seq.frames) == 3
+    for a, b in zip(frames, seq.frames):
+        np.testing.assert_allclose(b.T_map_cam, a.T_map_cam, atol=1e-9, rtol=0)
+        np.testing.assert_array_equal(b.K, a.K)
+        valid = np.isfinite(a.depth)
+        np.testing.assert_array_equal(np.isfinite(b.depth), valid)
+        assert np.abs(b.depth[valid] - a.depth[valid]).max() <= 0.0005 + 1e-6  # millimetre rounding
+
+
+def test_sqlite3_bag_reads_the_same(tiny_scene, tmp_path):
+    db3 = rewrite(seq0(tiny_scene), tmp_path / 'sql', storage=StoragePlugin.SQLITE3)
+    assert (db3 / 'sql.db3').exists()
+    a = bags.read_sequence(seq0(tiny_scene), progress=False)
+    for path in (db3, db3 / 'sql.db3'):
+        b = bags.read_sequence(path, progress=False)
+        assert len(b.frames) == 24 and len(b.edges) == len(a.edges)
+        for fa, fb in zip(a.frames, b.frames):
+            np.testing.assert_array_equal(fa.image, fb.image)
+            np.testing.assert_array_equal(fa.depth, fb.depth)
+            np.testing.assert_array_equal(fa.T_map_cam, fb.T_map_cam)
+
+
+def test_tiny_scene_poses_are_the_generated_ones(tiny_scene):
+    scene = json.loads((tiny_scene / 'scene.json').read_text())
+    seqs = bags.read_bags([tiny_scene], progress=False)
+    assert [s.path.name for s in seqs] == scene['sequences'] == ['seq_00', 'seq_01', 'seq_02']
+    paths = synth.sequence_paths(3, np.random.default_rng(scene['seed']))
+    for s, p in zip(seqs, paths):
+        assert s.seq == int(s.path.name[-2:])
+        T = np.stack([f.T_map_cam for f in s.frames])
+        np.testing.assert_allclose(T, synth.path_poses(p, scene['frames_per_sequence']), atol=1e-9, rtol=0)
+        np.testing.assert_array_equal(s.frames[0].K, np.array(scene['K']))
+
+
+def test_independent_mcap_reader_agrees(tiny_scene):
+    """mcap + mcap_ros2 share no code with rosbags: same pose values and image bytes."""
+    from mcap.reader import make_reader
+    from mcap_ros2.decoder import DecoderFactory
+
+    seq = bags.read_sequence(seq0(tiny_scene), progress=False)
+    by_stamp = {f.stamp_ns: f for f in seq.frames}
+    seen = {'/camera/image_raw': 0, '/globloc/gt_pose': 0}
+    with open(seq0(tiny_scene) / 'seq_00.mcap', 'rb') as fh:
+        reader = make_reader(fh, decoder_factories=[DecoderFactory()])
+        for _, channel, message, msg in reader.iter_decoded_messages(topics=list(seen)):
+            stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+            assert stamp == message.log_time
+            f = by_stamp[stamp]
+            if channel.topic == '/camera/image_raw':
+                assert msg.encoding == 'rgb8' and (msg.width, msg.height) == (160, 120)
+                assert bytes(msg.data) == f.image.tobytes()
+            else:
+                p, q = msg.pose.position, msg.pose.orientation
+                T = fr.pose_from_xyz_quat([p.x, p.y, p.z], [q.x, q.y, q.z, q.w])
+                np.testing.assert_allclose(T, f.T_map_cam, atol=1e-12, rtol=0)
+                assert msg.header.frame_id == 'map'
+            seen[channel.topic] += 1
+    assert seen == {'/camera/image_raw': 24, '/globloc/gt_pose': 24}
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+def reprojection_dz(frames, gap, invert=False):
+    """|z_projected - depth| (m) of frame i's landmarks seen in frame i+gap, occluded points left out."""
+    errs = []
+    for a, b in zip(frames[:-gap], frames[gap:]):
+        T = fr.invert_pose(b.T_map_cam)
+        if invert:
+            T = b.T_map_cam
+        X = a.landmarks[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3]
+        uv, z = fr.project(X, b.K)
+        h, w = b.depth.shape
+        ui, vi = np.round(uv[:, 0]).astype(int), np.round(uv[:, 1]).astype(int)
+        ok = (z > 0) & (ui >= 0) & (ui < w) & (vi >= 0) & (vi < h)
+        d = b.depth[vi[ok], ui[ok]]
+        dz = z[ok] - d
+        visible = np.isfinite(d) & (dz < 0.05)  # further than the surface by > 5 cm: hidden behind it
+        errs.append(np.abs(dz[visible]))
+    return np.concatenate(errs)
+
+
+def test_landmarks_reproject_onto_depth_of_later_frame(tiny_scene):
+    frames = bags.read_sequence(seq0(tiny_scene), progress=False).frames
+    err = reprojection_dz(frames, gap=2)
+    assert err.size > 500
+    assert np.median(err) < 0.01
+    # The same check with the pose convention inverted fails: the test can tell.
+    wrong = reprojection_dz(frames, gap=2, invert=True)
+    assert wrong.size < 50 or np.median(wrong) > 0.05
+
+
+def test_depth_labels_and_resize(tiny_scene):
+    full = bags.read_sequence(seq0(tiny_scene), progress=False, max_frames=4)
+    small = bags.read_sequence(seq0(tiny_scene), progress=False, max_frames=4, size=(80, 60))
+    for a, b in zip(full.frames, small.frames):
+        assert b.image.shape == (60, 80, 3) and b.depth.shape == (60, 80)
+        np.testing.assert_allclose(b.K, fr.scale_intrinsics(a.K, 0.5, 0.5))
+        # Nearest with the pixel-centre rule: small pixel (i, j) is big pixel (2i+1, 2j+1) (the
+        # exact-nearest rounding picks the later of the two equidistant source pixels).
+        np.testing.assert_array_equal(b.depth, a.depth[1::2, 1::2])
+        # Labels keep their 3D points; their pixels follow the pixel-centre rule, so they still project.
+        X = b.landmarks[:, :3].astype(np.float64)
+        T = fr.invert_pose(b.T_map_cam)
+        uv, _ = fr.project(X @ T[:3, :3].T + T[:3, 3], b.K)
+        np.testing.assert_allclose(uv, b.landmarks[:, 3:], atol=2e-3)
+        assert len(b.landmarks) == bags.label_count(0.005, 80, 60) == 24
+
+
+# ---------------------------------------------------------------------------------------------- labels
+def test_label_fraction_deterministic_and_counted(tiny_scene, tmp_path):
+    no_lm = rewrite(seq0(tiny_scene), tmp_path / 'nolm', lambda t, m, s: None if t == '/globloc/landmarks' else m)
+    a = bags.read_sequence(no_lm, label_fraction=0.01, seed=1, progress=False)
+    b = bags.read_sequence(no_lm, label_fraction=0.01, seed=1, progress=False)
+    c = bags.read_sequence(no_lm, label_fraction=0.01, seed=2, progress=False)
+    assert a.report.labels == 'depth'
+    for fa, fb, fc in zip(a.frames, b.frames, c.frames):
+        assert fa.landmarks.shape == (round(0.01 * 160 * 120), 5)
+        np.testing.assert_array_equal(fa.landmarks, fb.landmarks)
+        assert not np.array_equal(fa.landmarks, fc.landmarks)
+        # Drawn from depth: each label's camera-frame z is the depth at its pixel.
+        X = fa.landmarks[:, :3].astype(np.float64)
+        T = fr.invert_pose(fa.T_map_cam)
+        z = (X @ T[:3, :3].T + T[:3, 3])[:, 2]
+        u, v = fa.landmarks[:, 3].astype(int), fa.landmarks[:, 4].astype(int)
+        np.testing.assert_allclose(z, fa.depth[v, u], atol=1e-5)
+    # Stored landmarks are subsampled, not replaced, at a lower fraction.
+    full = bags.read_sequence(seq0(tiny_scene), progress=False).frames[0].landmarks
+    sub = bags.read_sequence(seq0(tiny_scene), label_fraction=0.002, progress=False).frames[0].landmarks
+    assert sub.shape[0] == round(0.002 * 160 * 120)
+    assert {tuple(r) for r in sub.tolist()} <= {tuple(r) for r in full.tolist()}
+
+
+@pytest.mark.parametrize('fraction', [0.0, -0.1, 1.5, float('nan')])
+def test_invalid_label_fraction(tiny_scene, fraction):
+    with pytest.raises(ValueError, match='label_fraction'):
+        bags.read_sequence(seq0(tiny_scene), label_fraction=fraction, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- matching
+def test_unmatched_frames_are_counted_not_guessed(tiny_scene, tmp_path):
+    stamps = [f.stamp_ns for f in bags.read_sequence(seq0(tiny_scene), progress=False).frames]
+    drop = set(stamps[3:6])
+
+    def edit(topic, msg, t):
+        if topic == '/globloc/gt_pose' and t in drop:
+            return None
+        if topic == '/camera/depth/image_raw':
+            s = t + (500_000 if t == stamps[10] else 2_000_000 if t == stamps[11] else 0)
+            msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(s, 10**9)
+        return msg
+
+    seq = bags.read_sequence(rewrite(seq0(tiny_scene), tmp_path / 'b', edit), progress=False)
+    assert len(seq.frames) == 21
+    assert seq.report.unmatched == {'no /globloc/gt_pose within 1 ms': 3}
+    assert seq.report.missing == {'/camera/depth/image_raw': 1}  # 0.5 ms off still matches, 2 ms does not
+    by_stamp = {f.stamp_ns: f for f in seq.frames}
+    assert by_stamp[stamps[10]].depth is not None and by_stamp[stamps[11]].depth is None
+    assert not drop & set(by_stamp)
+
+
+def test_read_bags_expands_folders_in_order(tiny_scene):
+    paths = bags.bag_paths([tiny_scene])
+    assert [p.name for p in paths] == ['seq_00', 'seq_01', 'seq_02']
+    seqs = bags.read_bags([tiny_scene / 'seq_01' / 'seq_01.mcap', tiny_scene / 'seq_00'], progress=False,
+                          max_frames=2)
+    assert [s.seq for s in seqs] == [0, 1] and [len(s.frames) for s in seqs] == [2, 2]
+    assert all(f.seq == s.seq for s in seqs for f in s.frames)
+
+
+def test_info_command(tiny_scene, capsys):
+    from globloc import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(['info', str(tiny_scene)])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert 'edges (explicit): adjacent 198' in out
+    assert out.count('  24 frames over') == 3 and 'labels: landmarks, fraction 0.0050' in out
+
+
+# ---------------------------------------------------------------------------------------------- real bags
+REAL_COUNTS = {'strecha_castle_p19': 19, 'strecha_entry_p10': 10, 'strecha_fountain_p11': 11,
+               'sun3d_frag1': 50, 'sun3d_frag2': 50}
+
+
+def test_real_bags_read(real_bags):
+    seqs = bags.read_bags([real_bags], progress=False)
+    assert {s.path.name: len(s.frames) for s in seqs} == REAL_COUNTS
+    for s in seqs:
+        assert s.edges is None and not s.report.corrupt and not s.report.unmatched
+        assert s.report.labels == 'landmarks'
+        for f in s.frames:
+            assert f.image.dtype == np.uint8 and f.image.shape[2] == 3
+            assert np.allclose(f.T_map_cam[:3, :3] @ f.T_map_cam[:3, :3].T, np.eye(3), atol=1e-6)
+            assert f.landmarks is not None and len(f.landmarks) > 100
+            if s.path.name.startswith('sun3d'):
+                assert f.depth.shape == (480, 640)
+                assert 0.3 < np.nanmedian(f.depth) < 10.0 and np.nanmin(f.depth) > 0
+            else:
+                assert f.depth is None
+
+
+@pytest.mark.parametrize('size', [None, (384, 256)])
+def test_real_landmarks_project_onto_their_pixels(real_bags, size):
+    seq = bags.read_sequence(real_bags / 'strecha_fountain_p11', size=size, label_fraction=0.01, progress=False)
+    errs = []
+    for f in seq.frames:
+        T = fr.invert_pose(f.T_map_cam)
+        uv, z = fr.project(f.landmarks[:, :3].astype(np.float64) @ T[:3, :3].T + T[:3, 3], f.K)
+        assert np.all(z > 0)
+        errs.append(np.linalg.norm(uv - f.landmarks[:, 3:], axis=1))
+    assert np.median(np.concatenate(errs)) < (2.0 if size is None else 1.0)
+
+
+def test_truncated_real_bag_keeps_what_it_can(real_bags, tmp_path):
+    dst = tmp_path / 'sun3d_frag1'
+    shutil.copytree(real_bags / 'sun3d_frag1', dst)
+    mcap = dst / 'sun3d_frag1.mcap'
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[:len(data) // 2])
+    with pytest.warns(UserWarning, match='sun3d_frag1.mcap'):
+        seq = bags.read_sequence(dst, progress=False)
+    assert seq.report.truncated and 5 < len(seq.frames) < 50
+    assert any('sun3d_frag1.mcap' in w and 'ends early' in w for w in seq.report.warnings)
+    full = bags.read_sequence(real_bags / 'sun3d_frag1', progress=False, max_frames=len(seq.frames))
+    for a, b in zip(full.frames, seq.frames):
+        np.testing.assert_array_equal(a.image, b.image)
+        np.testing.assert_array_equal(a.T_map_cam, b.T_map_cam)
+
+
+# ---------------------------------------------------------------------------------------------- broken input
+def test_missing_file(tmp_path):
+    with pytest.raises(BagError, match=r'nope.*does not exist'):
+        bags.read_sequence(tmp_path / 'nope', progress=False)
+    with pytest.raises(BagError, match=r'nope.*does not exist'):
+        bags.read_bags([tmp_path / 'nope'], progress=False)
+
+
+@pytest.mark.parametrize('name,content', [('random.mcap', None), ('notes.txt', b'hello, not a bag\n'),
+                                          ('random.db3', None)])
+def test_not_a_bag(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content if content is not None else np.random.default_rng(0).bytes(5000))
+    with pytest.raises(BagError, match=rf'{name}.*not a rosbag2 bag'):
+        bags.read_sequence(path, progress=False)
+
+
+def test_folder_without_bag(tmp_path):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(BagError, match='empty.*not a rosbag2 bag'):
+        bags.read_sequence(tmp_path / 'empty', progress=False)
+
+
+def test_truncated_synthetic_bag(tiny_scene, tmp_path):
+    dst = tmp_path / 'cut'
+    shutil.copytree(seq0(tiny_scene), dst)
+    mcap = dst / 'seq_00.mcap'
+    data = mcap.read_bytes()
+    mcap.write_bytes(data[:len(data) // 2])
+    with pytest.warns(UserWarning, match='ends early'):
+        seq = bags.read_sequence(dst, progress=False)
+    assert seq.report.truncated and 0 < len(seq.frames) < 24
+    mcap.write_bytes(data[:200])  # cut inside the first chunk: nothing readable, a clear error
+    with pytest.raises(BagError, match=r'cut: no image topic .* topics present: none .*seq_00.mcap: storage ends '
+                                       r'early'):
+        bags.read_sequence(dst, progress=False)
+
+
+def test_corrupt_compressed_image_is_skipped(tiny_scene, tmp_path):
+    frames = bags.read_sequence(seq0(tiny_scene), progress=False, max_frames=6).frames
+    bags.write_sequence(tmp_path / 'jpeg', frames, compressed='jpeg')
+    bad = frames[2].stamp_ns
+
+    def edit(topic, msg, t):
+        if topic == '/camera/image_raw/compressed' and t == bad:
+            msg.data = np.frombuffer(np.random.default_rng(0).bytes(msg.data.size), dtype=np.uint8)
+        return msg
+
+    with pytest.warns(UserWarning, match='not a decodable jpeg'):
+        seq = bags.read_sequence(rewrite(tmp_path / 'jpeg', tmp_path / 'bad', edit), progress=False)
+    assert [f.stamp_ns for f in seq.frames] == [f.stamp_ns for i, f in enumerate(frames) if i != 2]
+    assert len(seq.report.corrupt) == 1
+    msg = seq.report.corrupt[0]
+    assert 'bad' in msg and '/camera/image_raw/compressed' in msg and bags._fmt_stamp(bad) in msg
+    assert np.abs(seq.frames[0].image.astype(int) - frames[0].image).mean() < 8  # the others decode (jpeg)
+
+
+def test_missing_pose_topic_lists_topics(tiny_scene, tmp_path):
+    path = rewrite(seq0(tiny_scene), tmp_path / 'nopose', lambda t, m, s: None if t == '/globloc/gt_pose' else m)
+    with pytest.raises(BagError) as e:
+        bags.read_sequence(path, progress=False)
+    text = str(e.value)
+    assert 'nopose' in text and "'/globloc/gt_pose' not in bag" in text
+    assert '/camera/image_raw (sensor_msgs/msg/Image)' in text and '/globloc/landmarks' in text
+    with pytest.raises(BagError, match="odometry topic '/odom' not in bag"):
+        bags.read_sequence(seq0(tiny_scene), topics=Topics(odometry='/odom'), progress=False)
+
+
+def broken(tiny_scene, tmp_path, topic, change):
+    """seq_00 with `change(msg)` applied to the messages of `topic` at the 5th frame's stamp."""
+    stamp = bags.read_sequence(seq0(tiny_scene), progress=False).frames[4].stamp_ns
+
+    def edit(t, msg, s):
+        if t == topic and s == stamp:
+            change(msg)
+        return msg
+    return rewrite(seq0(tiny_scene), tmp_path / 'broken', edit), bags._fmt_stamp(stamp)
+
+
+def test_unknown_image_encoding(tiny_scene, tmp_path):
+    path, stamp = broken(tiny_scene, tmp_path, '/camera/image_raw', lambda m: setattr(m, 'encoding', 'yuv422'))
+    with pytest.raises(BagError, match=rf"broken: /camera/image_raw at stamp {stamp}: unknown image encoding "
+                                       rf"'yuv422'"):
+        bags.read_sequence(path, progress=False)
+
+
+def test_unknown_depth_encoding(tiny_scene, tmp_path):
+    path, stamp = broken(tiny_scene, tmp_path, '/camera/depth/image_raw', lambda m: setattr(m, 'encoding', '8UC1'))
+    with pytest.raises(BagError, match=rf"/camera/depth/image_raw at stamp {stamp}: unknown depth encoding"):
+        bags.read_sequence(path, progress=False)
+
+
+def test_image_size_disagrees_with_camera_info(tiny_scene, tmp_path):
+    path, stamp = broken(tiny_scene, tmp_path, '/camera/camera_info', lambda m: setattr(m, 'width', 320))
+    with pytest.raises(BagError, match=rf'broken: /camera/camera_info for image stamp {stamp}: image is 160x120 '
+                                       rf'but its CameraInfo says 320x120'):
+        bags.read_sequence(path, progress=False)
+
+
+def test_distortion_is_rejected(tiny_scene, tmp_path):
+    def distort(m):
+        m.d = np.array([0.1, -0.02, 0.0, 0.0, 0.0])
+    path, stamp = broken(tiny_scene, tmp_path, '/camera/camera_info', distort)
+    with pytest.raises(BagError, match=rf'{stamp}: CameraInfo has non-zero distortion d=\[0.1, -0.02'):
+        bags.read_sequence(path, progress=False)
+
+
+@pytest.mark.parametrize('w,why', [(2.0, 'is not unit'), (float('nan'), 'must be 4 finite numbers')])
+def test_bad_quaternion_skips_frame(tiny_scene, tmp_path, w, why):
+    path, stamp = broken(tiny_scene, tmp_path, '/globloc/gt_pose', lambda m: setattr(m.pose.orientation, 'w', w))
+    with pytest.warns(UserWarning, match=why):
+        seq = bags.read_sequence(path, progress=False)
+    assert len(seq.frames) == 23 and len(seq.report.corrupt) == 1
+    assert f'broken: /globloc/gt_pose at stamp {stamp}' in seq.report.corrupt[0]
+
+
+def test_decode_depth_big_endian_millimetres():
+    from types import SimpleNamespace as Msg
+
+    depth = Msg(encoding='16UC1', height=1, width=3, step=6, is_bigendian=1,
+                data=np.array([0, 1500, 65535], dtype='>u2').tobytes())
+    np.testing.assert_array_equal(bags.decode_depth(depth, 'x'), np.array([[np.nan, 1.5, 65.535]], np.float32))
+    padded = Msg(encoding='32FC1', height=2, width=1, step=8, is_bigendian=0,
+                 data=np.array([[2.5, 9.0], [np.inf, 9.0]], dtype='<f4').tobytes())
+    np.testing.assert_array_equal(bags.decode_depth(padded, 'x'), np.array([[2.5], [np.nan]], np.float32))

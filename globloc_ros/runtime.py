@@ -1,0 +1,619 @@
+"""The deployable localizer: one image + K in, T_map_cam with a confidence verdict out. Never imports rclpy.
+
+    lz = Localizer('models/scene.pt')                # backend='auto': the fastest one available here
+    result = lz.localize(rgb, K)                     # rgb (H, W, 3) uint8, K (3, 3) of that image
+    if result.confident: publish(result.T_map_cam, result.covariance)
+
+Model files it reads (each checked at construction, never at the first frame):
+- a model file (.pt, globloc_ros.modelfile): run by torch, or by onnxruntime through an ONNX graph exported
+  once into a cache file named by the model's sha256 (`cache_dir`, default $GLOBLOC_CACHE or ~/.cache/globloc);
+- an ONNX graph written by `globloc export --format onnx` (metadata_props checked);
+- a TensorRT engine (.engine / .plan) with its PATH.json written by `globloc export --format tensorrt`
+  (format, sha256, TensorRT version and GPU checked).
+All of them run the same graph, globloc_ros.net.PoseGraph: image (B, 3, H, W) RGB 0..255 at the model's
+fixed input size and K (B, 3, 3) of that image -> T_map_cam (B, 4, 4), residual (B,) m, n_eff (B,),
+spread (B,) m. Normalisation is inside the graph; `preprocess` only resizes, scales K and lays out CHW.
+
+`auto` picks: tensorrt (for an engine) > torch on CUDA (fp16 autocast network, fp32 alignment, one captured
+CUDA graph) > onnxruntime (CUDA provider if present, else CPU) > torch on CPU.
+
+Confidence gating lives here and only here (`gate`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from globloc_ros import align as _align
+from globloc_ros.frames import backproject, cell_centres, scale_intrinsics
+
+# ------------------------------------------------------------------------------------------ metadata schema
+GRAPH_FORMAT = 'globloc-pose-graph'  # ONNX / TorchScript graphs of PoseGraph
+ENGINE_FORMAT = 'globloc-tensorrt-engine'
+EXPORT_VERSION = 1  # layout of the exported graph and its metadata; bump when inputs/outputs change
+INPUT_NAMES = ('image', 'K')
+OUTPUT_NAMES = ('T_map_cam', 'residual', 'n_eff', 'spread')
+ENGINE_SUFFIXES = ('.engine', '.plan', '.trt')
+MIN_SPREAD_M = 1e-4  # camera points within 0.1 mm of each other cannot pin a rotation (all-zero weights give 1e-6)
+COVARIANCE_UNKNOWN = 1e6  # variance (m^2, rad^2) reported when the outputs are not finite
+BACKENDS = ('auto', 'tensorrt', 'onnxruntime', 'torch')
+
+
+class LocalizerError(RuntimeError):
+    """A model, graph or engine that cannot be used here; raised at construction with the file named."""
+
+
+@dataclass
+class Result:
+    """One localization.
+
+    T_map_cam (4, 4) float64: the camera's optical frame in the map (X_map = R X_cam + t), metres.
+    residual: weighted RMS alignment residual (m); n_eff: effective point count 1 / sum w^2;
+    spread: weighted RMS distance (m) of the camera points from their centroid.
+    confident: whether to trust the pose; reason: '' when confident, else why not.
+    covariance (6, 6): x, y, z, roll, pitch, yaw order (align.pose_covariance).
+    timings_ms: 'preprocess', 'network' (+ alignment for fused graphs), 'alignment' (where separable), 'total'.
+    """
+    T_map_cam: np.ndarray
+    residual: float
+    n_eff: float
+    spread: float
+    confident: bool
+    reason: str
+    covariance: np.ndarray
+    timings_ms: dict = field(default_factory=dict)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def graph_metadata(config: dict, model_sha256: str, dynamic_batch: bool = False) -> dict[str, str]:
+    """String key/values stored with every exported graph (ONNX metadata_props, TorchScript extra file,
+    beside a TensorRT engine). `config` is NetConfig.to_dict() of the model; values are JSON."""
+    from globloc_ros.modelfile import FORMAT_VERSION
+    W, H = config['input_size']
+    return {
+        'globloc.format': GRAPH_FORMAT,
+        'globloc.export_version': str(EXPORT_VERSION),
+        'globloc.model_format_version': str(FORMAT_VERSION),
+        'globloc.input_size': json.dumps([int(W), int(H)]),  # (W, H) pixels
+        'globloc.normalisation': json.dumps({'mean': list(config['mean']), 'std': list(config['std']),
+                                             'input': 'RGB float 0..255', 'applied': 'inside the graph'}),
+        'globloc.scene': json.dumps({'centre': list(config['scene_centre']), 'scale': config['scene_scale']}),
+        'globloc.stride': str(config['stride']),
+        'globloc.solver': 'horn',
+        'globloc.inputs': json.dumps(list(INPUT_NAMES)),
+        'globloc.outputs': json.dumps(list(OUTPUT_NAMES)),
+        'globloc.dynamic_batch': json.dumps(bool(dynamic_batch)),
+        'globloc.model_sha256': model_sha256,
+        'globloc.torch_version': torch.__version__,
+        'globloc.config': json.dumps(config),
+    }
+
+
+def check_graph_metadata(meta: dict[str, str], where: str) -> tuple[int, int]:
+    """Validate the metadata of an exported graph; returns its input size (W, H). Raises LocalizerError."""
+    from globloc_ros.modelfile import FORMAT_VERSION
+    if meta.get('globloc.format') != GRAPH_FORMAT:
+        raise LocalizerError(f"{where}: no globloc metadata ('globloc.format' is {meta.get('globloc.format')!r}, "
+                             f"expected {GRAPH_FORMAT!r}): export it with `globloc export`")
+    version = meta.get('globloc.export_version')
+    if version != str(EXPORT_VERSION):
+        raise LocalizerError(f'{where}: export format version {version} is not supported (this build reads '
+                             f'version {EXPORT_VERSION}); re-export it with `globloc export`')
+    mversion = meta.get('globloc.model_format_version')
+    if mversion != str(FORMAT_VERSION):
+        raise LocalizerError(f'{where}: exported from model format version {mversion}, this build reads '
+                             f'version {FORMAT_VERSION}; re-export it')
+    try:
+        W, H = (int(v) for v in json.loads(meta['globloc.input_size']))
+        norm = json.loads(meta['globloc.normalisation'])
+        std = np.asarray(norm['std'], dtype=np.float64)
+        mean = np.asarray(norm['mean'], dtype=np.float64)
+        sha = meta['globloc.model_sha256']
+    except (KeyError, ValueError, TypeError) as e:
+        raise LocalizerError(f'{where}: globloc metadata incomplete or malformed ({type(e).__name__}: {e}); '
+                             're-export it') from e
+    if W <= 0 or H <= 0 or mean.shape != (3,) or std.shape != (3,) or not (std > 0).all() \
+            or not np.isfinite(mean).all() or len(sha) != 64:
+        raise LocalizerError(f'{where}: globloc metadata out of range (input size {W}x{H}, mean {mean.tolist()}, '
+                             f'std {std.tolist()}, sha256 {sha!r}); re-export it')
+    return W, H
+
+
+def gpu_identity() -> dict | None:
+    """{'name', 'compute_capability': 'major.minor'} of CUDA device 0, or None without a GPU."""
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        return {'name': torch.cuda.get_device_name(0), 'compute_capability': f'{major}.{minor}'}
+    try:  # TensorRT can live beside a CPU-only torch
+        out = subprocess.run(['nvidia-smi', '--query-gpu=name,compute_cap', '--format=csv,noheader'],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        name, cc = out.splitlines()[0].rsplit(',', 1)
+        return {'name': name.strip(), 'compute_capability': cc.strip()}
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
+def read_engine_metadata(engine_path: str | os.PathLike) -> dict:
+    """The PATH.json beside an engine, with format and sha256 checked (no TensorRT needed)."""
+    engine_path = Path(engine_path)
+    meta_path = engine_path.with_name(engine_path.name + '.json')
+    if not engine_path.is_file():
+        raise LocalizerError(f'TensorRT engine not found: {engine_path}')
+    if not meta_path.is_file():
+        raise LocalizerError(f'{engine_path}: its metadata {meta_path.name} is missing (written by '
+                             '`globloc export --format tensorrt` beside the engine)')
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise LocalizerError(f'{meta_path}: not readable JSON: {e}') from e
+    if not isinstance(meta, dict) or meta.get('format') != ENGINE_FORMAT:
+        raise LocalizerError(f"{meta_path}: not globloc engine metadata (no 'format': '{ENGINE_FORMAT}')")
+    check_graph_metadata(meta.get('graph', {}), str(meta_path))
+    sha = file_sha256(engine_path)
+    if sha != meta.get('engine_sha256'):
+        raise LocalizerError(f'{engine_path}: sha256 {sha[:12]}... does not match {meta_path.name} '
+                             f'({str(meta.get("engine_sha256"))[:12]}...): truncated, corrupt or replaced engine')
+    return meta
+
+
+def check_engine_metadata(meta: dict, where: str, trt_version: str, gpu: dict | None) -> None:
+    """An engine runs only on the TensorRT version and GPU it was built with: compare and explain."""
+    built_gpu = meta.get('gpu') or {}
+    built = f"TensorRT {meta.get('tensorrt_version')} on {built_gpu.get('name')} " \
+            f"(compute capability {built_gpu.get('compute_capability')})"
+    rebuild = 'rebuild it here with `globloc export --format tensorrt`'
+    if meta.get('tensorrt_version') != trt_version:
+        raise LocalizerError(f'{where}: engine built with {built}, but TensorRT {trt_version} is installed; {rebuild}')
+    if gpu is None:
+        raise LocalizerError(f'{where}: engine built for {built}, but no CUDA GPU is visible here')
+    if gpu.get('compute_capability') != built_gpu.get('compute_capability') or gpu.get('name') != built_gpu.get('name'):
+        raise LocalizerError(f"{where}: engine built for {built}, this GPU is {gpu.get('name')} (compute capability "
+                             f"{gpu.get('compute_capability')}); {rebuild}")
+
+
+# ------------------------------------------------------------------------------------------ frames
+def check_frame(image: np.ndarray, K: np.ndarray) -> None:
+    """Raise ValueError naming the problem unless image is (H, W, 3) uint8 and K a usable (3, 3) camera matrix."""
+    if not isinstance(image, np.ndarray):
+        raise ValueError(f'image must be a numpy array (H, W, 3) uint8 RGB, got {type(image).__name__}')
+    if image.dtype != np.uint8:
+        raise ValueError(f'image dtype must be uint8 (RGB 0..255), got {image.dtype}')
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f'image shape must be (H, W, 3) RGB, got {image.shape}')
+    K = np.asarray(K)
+    if K.shape != (3, 3):
+        raise ValueError(f'K must be a (3, 3) camera matrix, got shape {K.shape}')
+    if not np.issubdtype(K.dtype, np.number) or not np.all(np.isfinite(K)):
+        raise ValueError(f'K must be finite, got {K.tolist()}')
+    if not (K[0, 0] > 0 and K[1, 1] > 0):
+        raise ValueError(f'K focal lengths must be > 0, got fx={K[0, 0]:g}, fy={K[1, 1]:g}')
+
+
+def preprocess(image: np.ndarray, K: np.ndarray, input_size: tuple[int, int],
+               device: str | torch.device = 'cpu') -> tuple[torch.Tensor, torch.Tensor]:
+    """The one pre-processing step of every backend.
+
+    image (H, W, 3) uint8 RGB, K (3, 3) of that image, input_size (W, H) of the model ->
+    image (1, 3, H', W') float32 RGB 0..255 and K (1, 3, 3) float32 of the resized image, on `device`.
+    Resizing as the bag reader does for training (INTER_AREA when shrinking both axes, else INTER_LINEAR;
+    K by frames.scale_intrinsics). The resize runs on the CPU in uint8 (cv2); for a CUDA device the small uint8
+    image is then moved there and the layout change and float conversion happen on the GPU. No normalisation:
+    the graph does it.
+    """
+    check_frame(image, K)
+    W, H = input_size
+    h, w = image.shape[:2]
+    K = np.asarray(K, dtype=np.float64)
+    if (w, h) != (W, H):
+        sx, sy = W / w, H / h
+        interp = cv2.INTER_AREA if sx < 1 and sy < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (W, H), interpolation=interp)
+        K = scale_intrinsics(K, sx, sy)
+    K_t = torch.from_numpy(K.astype(np.float32))[None]
+    if torch.device(device).type == 'cpu':
+        # numpy, single-threaded: waking torch's OpenMP pool right after an onnxruntime run costs ~1.5 ms here
+        x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32))
+        return x, K_t
+    x = torch.from_numpy(np.ascontiguousarray(image)).to(device, non_blocking=True)  # uint8: 4x less to move
+    x = x.permute(2, 0, 1).unsqueeze(0).to(torch.float32, memory_format=torch.contiguous_format)
+    return x, K_t.to(device)
+
+
+# ------------------------------------------------------------------------------------------ gating
+def gate(T: np.ndarray, residual: float, n_eff: float, spread: float, max_residual_m: float,
+         min_effective_points: float) -> tuple[bool, str]:
+    """(confident, reason): confident = finite and alignment not degenerate and n_eff >= min_effective_points and
+    residual <= max_residual_m.
+
+    The fused graphs output (T, residual, n_eff, spread), not align's own flag, so "degenerate" is judged from
+    those: n_eff < align.MIN_POINTS or spread <= MIN_SPREAD_M (zero or NaN weights end there). align's
+    collinearity test is not available; camera points back-projected from a grid of cells are collinear only
+    when the weight sits on ~2 cells, which n_eff catches.
+    """
+    if not (np.all(np.isfinite(T)) and np.isfinite(residual) and np.isfinite(n_eff) and np.isfinite(spread)):
+        return False, 'non-finite pose'
+    if n_eff < min_effective_points:
+        return False, f'effective points {n_eff:.1f} < {min_effective_points:g}'
+    if n_eff < _align.MIN_POINTS or spread <= MIN_SPREAD_M:
+        return False, 'alignment degenerate'
+    if residual > max_residual_m:
+        return False, f'residual {residual:.2f} m > {max_residual_m:.2f} m'
+    return True, ''
+
+
+def covariance(residual: float, n_eff: float, spread: float) -> np.ndarray:
+    """(6, 6) float64 from align.pose_covariance; a large diagonal where the outputs are not finite."""
+    if not (np.isfinite(residual) and np.isfinite(n_eff) and np.isfinite(spread)):
+        return np.eye(6) * COVARIANCE_UNKNOWN
+    t = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
+    return _align.pose_covariance(t(residual), t(n_eff), t(spread))[0].numpy()
+
+
+# ------------------------------------------------------------------------------------------ backends
+def pose_from_heads(net, scene: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor, K: torch.Tensor):
+    """GlobLocNet.forward + PoseGraph after the heads, in float32: (T (B, 4, 4), residual, n_eff, spread).
+
+    Split out so that the torch backend can time the network and the alignment apart and run the
+    network in fp16 while the alignment stays fp32. test_runtime checks it equals PoseGraph exactly.
+    """
+    B, _, h, w = scene.shape
+    weights = torch.softmax(logits, dim=1)
+    uv = cell_centres(h, w, net.config.stride, device=scene.device, dtype=scene.dtype)
+    cam = backproject(depth.flatten(1), uv, K)
+    pose = _align.align_weighted(cam, scene.flatten(2).transpose(1, 2), weights, 'horn')
+    T = torch.zeros(B, 4, 4, dtype=scene.dtype, device=scene.device)
+    T[:, :3, :3] = pose.R
+    T[:, :3, 3] = pose.t
+    T[:, 3, 3] = 1.0
+    return T, pose.residual, pose.n_eff, pose.spread
+
+
+def _ms(t0: float, t1: float) -> float:
+    return (t1 - t0) * 1e3
+
+
+class _TorchBackend:
+    """GlobLocNet in torch. CPU: eager fp32, network and alignment timed apart. CUDA: static input
+    buffers and one captured CUDA graph (fp16 autocast network + fp32 alignment) replayed per frame."""
+
+    def __init__(self, net, device: str, precision: str, threads: int | None):
+        self.net = net.eval()
+        self.device = device
+        self.fp16 = precision == 'fp16'
+        if threads:
+            torch.set_num_threads(threads)
+        self.graph = None
+        if device == 'cuda':
+            self.net.to('cuda')
+            self._capture()
+
+    def _heads(self, x: torch.Tensor):
+        if self.device != 'cuda':  # the CPU path never touches CUDA, autocast included
+            _, scene, depth, logits = self.net.heads(x)
+            return scene, depth, logits
+        # cache_enabled=False: autocast's weight cache does not mix with CUDA graph capture.
+        with torch.autocast('cuda', dtype=torch.float16, enabled=self.fp16, cache_enabled=False):
+            _, scene, depth, logits = self.net.heads(x)
+        return scene.float(), depth.float(), logits.float()
+
+    def _full(self, x: torch.Tensor, K: torch.Tensor):
+        return pose_from_heads(self.net, *self._heads(x), K)
+
+    def _capture(self) -> None:
+        W, H = self.net.config.input_size
+        self.static_x = torch.full((1, 3, H, W), 127.0, device='cuda')
+        self.static_K = torch.tensor([[[W, 0.0, (W - 1) / 2], [0.0, W, (H - 1) / 2], [0.0, 0.0, 1.0]]],
+                                     device='cuda')
+        torch.backends.cudnn.benchmark = True  # the warm-up below settles the algorithms before capture
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._full(self.static_x, self.static_K)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_out = self._full(self.static_x, self.static_K)
+        torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor, K: torch.Tensor):
+        if self.graph is not None:
+            t0 = time.perf_counter()
+            self.static_x.copy_(x)
+            self.static_K.copy_(K)
+            self.graph.replay()
+            outs = [o.cpu().numpy() for o in self.static_out]  # .cpu() waits for the replay
+            return outs, {'network': _ms(t0, time.perf_counter())}
+        t0 = time.perf_counter()
+        heads = self._heads(x)
+        t1 = time.perf_counter()
+        outs = [o.numpy() for o in pose_from_heads(self.net, *heads, K)]
+        return outs, {'network': _ms(t0, t1), 'alignment': _ms(t1, time.perf_counter())}
+
+
+class _OrtBackend:
+    """The exported PoseGraph in onnxruntime (network and alignment fused: one 'network' time)."""
+
+    def __init__(self, onnx_path: Path, device: str, threads: int | None):
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle worker threads would otherwise spin after each frame, stealing cores from image decoding and
+        # the ROS executor on small machines (measured: preprocess 6 -> 15 ms on 2 busy cores).
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        providers = ['CPUExecutionProvider']
+        if device == 'cuda':
+            providers.insert(0, 'CUDAExecutionProvider')
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+            raise LocalizerError(f'{onnx_path}: onnxruntime cannot load it (corrupt or not ONNX?): '
+                                 f'{type(e).__name__}: {e}') from e
+        if device == 'cuda' and 'CUDAExecutionProvider' not in self.session.get_providers():
+            raise LocalizerError(f'{onnx_path}: device cuda requested but onnxruntime has no CUDA provider here '
+                                 f'(providers: {ort.get_available_providers()})')
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+
+    def infer(self, x: torch.Tensor, K: torch.Tensor):
+        t0 = time.perf_counter()
+        outs = self.session.run(list(OUTPUT_NAMES), {'image': x.cpu().numpy(), 'K': K.cpu().numpy()})
+        return outs, {'network': _ms(t0, time.perf_counter())}
+
+
+def _import_tensorrt(hint: str = 'run a .pt or .onnx model with backend onnxruntime or torch instead'):
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise LocalizerError(f'TensorRT is not installed (the `tensorrt` Python package, on a machine with an '
+                             f'NVIDIA GPU); {hint}') from e
+    return trt
+
+
+class _TensorRTBackend:
+    """A serialized engine of the PoseGraph ONNX, run with the TensorRT >= 8.6 tensor API
+    (set_tensor_address / execute_async_v3); torch CUDA tensors hold the device buffers."""
+
+    def __init__(self, engine_path: Path, meta: dict):
+        trt = _import_tensorrt()
+        check_engine_metadata(meta, str(engine_path), trt.__version__, gpu_identity())
+        if not torch.cuda.is_available():
+            raise LocalizerError(f'{engine_path}: the TensorRT backend keeps its buffers in torch CUDA tensors, '
+                                 'and this torch has no CUDA')
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_path.read_bytes())
+        if self.engine is None:
+            raise LocalizerError(f'{engine_path}: TensorRT {trt.__version__} could not deserialize the engine')
+        self.context = self.engine.create_execution_context()
+        W, H = json.loads(meta['graph']['globloc.input_size'])
+        shapes = {'image': (1, 3, H, W), 'K': (1, 3, 3)}
+        dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
+                  trt.bool: torch.bool}
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        if sorted(names) != sorted(INPUT_NAMES + OUTPUT_NAMES):
+            raise LocalizerError(f'{engine_path}: engine tensors {names}, expected {INPUT_NAMES + OUTPUT_NAMES}')
+        for name in INPUT_NAMES:
+            self.context.set_input_shape(name, shapes[name])
+        self.buffers = {}
+        for name in names:
+            shape = tuple(self.context.get_tensor_shape(name))
+            buf = torch.empty(shape, dtype=dtypes[self.engine.get_tensor_dtype(name)], device='cuda')
+            self.context.set_tensor_address(name, buf.data_ptr())
+            self.buffers[name] = buf
+
+    def infer(self, x: torch.Tensor, K: torch.Tensor):
+        t0 = time.perf_counter()
+        stream = torch.cuda.current_stream()
+        self.buffers['image'].copy_(x)
+        self.buffers['K'].copy_(K)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError('TensorRT execute_async_v3 failed')
+        outs = [self.buffers[n].float().cpu().numpy() for n in OUTPUT_NAMES]
+        return outs, {'network': _ms(t0, time.perf_counter())}
+
+
+# ------------------------------------------------------------------------------------------ the localizer
+def default_cache_dir() -> Path:
+    return Path(os.environ.get('GLOBLOC_CACHE') or Path.home() / '.cache' / 'globloc')
+
+
+def _ort_available() -> tuple[bool, bool]:
+    """(onnxruntime importable, its CUDA provider present)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False, False
+    return True, 'CUDAExecutionProvider' in ort.get_available_providers()
+
+
+def code_fingerprint() -> str:
+    """12 hex digits over the code that shapes the exported graph (net, align, frames), the export format
+    version and the torch version: a cached ONNX is rebuilt when any of them changes, not only the weights."""
+    from globloc_ros import frames, net
+    h = hashlib.sha256(f'{EXPORT_VERSION} {torch.__version__}'.encode())
+    for module in (net, _align, frames):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:12]
+
+
+def cached_onnx(model_path: Path, sha: str, cache_dir: Path) -> Path:
+    """The PoseGraph ONNX of a model file, exported once into cache_dir/<model sha256>-<code_fingerprint>.onnx
+    (atomic write, so concurrent starts never see half a file)."""
+    path = cache_dir / f'{sha}-{code_fingerprint()}.onnx'
+    if path.is_file():
+        try:
+            import onnx
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            if meta.get('globloc.model_sha256') == sha:
+                check_graph_metadata(meta, str(path))
+                return path
+        except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
+            pass
+    from globloc.export import export_onnx  # the exporter lives with the `globloc export` command
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=cache_dir)
+        os.close(fd)
+    except OSError as e:
+        raise LocalizerError(f'{model_path}: cannot write the onnxruntime cache in {cache_dir} ({e}); set '
+                             'GLOBLOC_CACHE to a writable folder, or export once with `globloc export --format onnx` '
+                             'and give the .onnx file') from e
+    try:
+        export_onnx(model_path, tmp, verify=False)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is readable like any exported file
+        os.replace(tmp, path)
+    except (ValueError, RuntimeError, OSError) as e:
+        raise LocalizerError(f'{model_path}: ONNX export for onnxruntime failed: {e}') from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+class Localizer:
+    """Image + K -> Result, with one backend chosen and checked at construction.
+
+    model_path: .pt model file, .onnx graph, or .engine/.plan/.trt TensorRT engine (+ PATH.json).
+    device is ignored for engines (always CUDA).
+    backend: 'auto' | 'tensorrt' | 'onnxruntime' | 'torch'. device: 'cpu' | 'cuda' | None (CUDA when present).
+    threads: CPU threads of the backend (None: its default; for torch this sets torch's global thread count).
+    precision: 'fp32' | 'fp16' | None (fp16 for torch on CUDA and for engines as built, else fp32).
+    A pose is confident when finite, not degenerate, n_eff >= min_effective_points and
+    residual <= max_residual_m. Raises LocalizerError (files, versions, unavailable backends) or ValueError
+    (arguments).
+    """
+
+    def __init__(self, model_path, backend: str = 'auto', device: str | None = None, threads: int | None = None,
+                 max_residual_m: float = 0.25, min_effective_points: float = 10.0, precision: str | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        if backend not in BACKENDS:
+            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+        if device not in (None, 'cpu', 'cuda'):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if precision not in (None, 'fp32', 'fp16'):
+            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if threads is not None and threads < 1:
+            raise ValueError(f'threads must be >= 1 or None, got {threads}')
+        if not (max_residual_m > 0 and min_effective_points >= 0):
+            raise ValueError(f'max_residual_m must be > 0 and min_effective_points >= 0, got '
+                             f'{max_residual_m}, {min_effective_points}')
+        path = Path(model_path)
+        self.model_path = path
+        self.max_residual_m = float(max_residual_m)
+        self.min_effective_points = float(min_effective_points)
+        self.threads = threads
+        ort_ok, ort_cuda = _ort_available()
+        if device is None:
+            device = 'cuda' if (torch.cuda.is_available() or ort_cuda) else 'cpu'
+        if device == 'cuda' and not (torch.cuda.is_available() or ort_cuda):
+            raise LocalizerError('device cuda requested but neither torch nor onnxruntime sees a CUDA GPU here')
+        if not path.is_file():
+            raise LocalizerError(f'model file not found: {path}')
+        kind = 'engine' if path.suffix in ENGINE_SUFFIXES else 'onnx' if path.suffix == '.onnx' else 'model'
+
+        if backend == 'auto':
+            if kind == 'engine':
+                backend = 'tensorrt'
+            elif kind == 'onnx':
+                backend = 'onnxruntime'
+            elif device == 'cuda' and torch.cuda.is_available():
+                backend = 'torch'
+            elif ort_ok:
+                backend = 'onnxruntime'
+            else:
+                backend = 'torch'
+        names = {'model': 'model files (.pt)', 'onnx': 'ONNX graphs (.onnx)', 'engine': 'TensorRT engines (.engine)'}
+        needs = {'tensorrt': ('engine',), 'onnxruntime': ('model', 'onnx'), 'torch': ('model',)}[backend]
+        if kind not in needs:
+            raise LocalizerError(f'{path}: backend {backend} cannot run {names[kind]}; it runs '
+                                 f"{' and '.join(names[k] for k in needs)} (engines come from "
+                                 '`globloc export --format tensorrt`)')
+        if backend == 'onnxruntime' and not ort_ok:
+            raise LocalizerError('onnxruntime is not installed')
+        if backend == 'torch' and device == 'cuda' and not torch.cuda.is_available():
+            raise LocalizerError('device cuda requested for the torch backend, but this torch has no CUDA')
+        if backend == 'tensorrt':
+            device = 'cuda'
+        if precision == 'fp16' and not (backend == 'tensorrt' or (backend == 'torch' and device == 'cuda')):
+            raise LocalizerError(f'precision fp16 needs the tensorrt backend or torch on CUDA (got {backend} '
+                                 f'on {device}); use fp32')
+
+        self.metadata: dict = {}
+        if kind == 'model':
+            from globloc_ros.modelfile import ModelFileError, load_model
+            try:
+                net, meta = load_model(path)
+            except ModelFileError as e:
+                raise LocalizerError(str(e)) from e
+            self.metadata = {'config': net.config.to_dict(), 'meta': meta}
+            self.input_size = tuple(net.config.input_size)
+            if backend == 'torch':
+                precision = precision or ('fp16' if device == 'cuda' else 'fp32')
+                self._impl = _TorchBackend(net, device, precision, threads)
+            else:
+                sha = file_sha256(path)
+                cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+                onnx_path = cached_onnx(path, sha, cache)
+                self.onnx_path = onnx_path
+                self._impl = _OrtBackend(onnx_path, device, threads)
+        elif kind == 'onnx':
+            self._impl = _OrtBackend(path, device, threads)
+            self.metadata = self._impl.metadata
+            self.input_size = check_graph_metadata(self.metadata, str(path))
+            inp = {i.name: i.shape for i in self._impl.session.get_inputs()}
+            W, H = self.input_size
+            if set(inp) != set(INPUT_NAMES) or list(inp['image'][1:]) != [3, H, W]:
+                raise LocalizerError(f'{path}: graph inputs {inp} do not match its metadata '
+                                     f'(image (B, 3, {H}, {W}) and K (B, 3, 3))')
+        else:
+            meta = read_engine_metadata(path)
+            self.metadata = meta
+            self.input_size = check_graph_metadata(meta['graph'], str(path))
+            built = meta.get('precision', 'fp32')
+            if precision not in (None, built):
+                raise LocalizerError(f'{path}: engine was built for {built}, {precision} requested; '
+                                     f'build another with `globloc export --format tensorrt --precision {precision}`')
+            precision = built
+            self._impl = _TensorRTBackend(path, meta)
+        self.backend = backend
+        self.device = device
+        self.precision = precision or 'fp32'
+        self._tensor_device = 'cuda' if (device == 'cuda' and backend in ('torch', 'tensorrt')) else 'cpu'
+
+    def localize(self, image: np.ndarray, K: np.ndarray) -> Result:
+        """image (H, W, 3) uint8 RGB at any size, K (3, 3) of that image -> Result.
+        Raises ValueError for a bad frame (dtype, shape, non-finite K, non-positive focal length)."""
+        cuda = self._tensor_device == 'cuda'
+        t0 = time.perf_counter()
+        x, Kt = preprocess(image, K, self.input_size, self._tensor_device)
+        if cuda:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        (T, residual, n_eff, spread), stages = self._impl.infer(x, Kt)
+        T = np.asarray(T[0], dtype=np.float64)
+        residual, n_eff, spread = float(residual[0]), float(n_eff[0]), float(spread[0])
+        confident, reason = gate(T, residual, n_eff, spread, self.max_residual_m, self.min_effective_points)
+        cov = covariance(residual, n_eff, spread)
+        timings = {'preprocess': _ms(t0, t1), **stages, 'total': _ms(t0, time.perf_counter())}
+        return Result(T, residual, n_eff, spread, confident, reason, cov, timings)

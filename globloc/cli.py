@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     'compare': ('globloc.compare', 'this method vs ablation vs baselines, one table'),
     'export': ('globloc.export', 'export a model to ONNX, TorchScript or a TensorRT engine'),
     'bench': ('globloc.bench', 'latency benchmark of the runtime backends'),
+    'node-bench': ('globloc.node_bench', 'end-to-end latency and frames/s of the ROS 2 node over DDS'),
 }
 
 

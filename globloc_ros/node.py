@@ -1,0 +1,605 @@
+"""The localizer node: camera image + CameraInfo in, map-frame pose (and TF, diagnostics) out.
+
+A thin rclpy shell around globloc_ros.runtime.Localizer (which never imports rclpy):
+
+    subscriptions (executor thread)      worker thread                       outputs
+    image / compressed  -> one-slot mailbox -> decode, check, localize -> ~/pose, ~/pose_with_covariance,
+    camera_info         -> latest Intrinsics    gate (confident, finite)    ~/path, TF, initialpose
+                                                                          /diagnostics (timer, 1 Hz)
+
+Callbacks only store messages, so they never block; the mailbox keeps the newest frame and counts
+the ones it replaces as dropped, so memory stays bounded under any input rate. Parameters are
+declared in one table (PARAMETERS) and read once at start; an invalid value, a missing tf2_ros or a
+missing/corrupt model ends the process with exit code 2 and one line naming the cause.
+
+Outputs (node name `globloc` by default), all stamped with the image's stamp, in map_frame:
+- ~/pose (PoseStamped), ~/pose_with_covariance (covariance order x, y, z, roll, pitch, yaw), ~/path
+  (the last path_length poses, built only while someone subscribes);
+- TF (publish_tf): map -> the image's frame_id, or map -> odom = T_map_cam T_odom_cam^-1 (REP-105);
+- initialpose (relative name, so /initialpose or /<ns>/initialpose as nav2 expects): the next confident
+  pose after ~/relocalize (std_srvs/Trigger) or at start (relocalize_on_start); the base_frame pose if set;
+- /diagnostics: counters frames_{received,published,dropped,no_camera_info,bad_camera_info,bad_image,
+  failed,rejected}, tf_failures, last_reason_<category>, rate_hz, p50/p99 of latency_stamp_to_publish
+  (meaningful for live or --restamp'ed stamps), latency_receive_to_publish, processing, localize and
+  node_overhead (receive -> publish minus localize), the last residual_m / n_eff / spread_m.
+A frame is published only when the Localizer calls it confident and the pose is finite and rigid.
+
+    globloc-localizer --ros-args -p model:=model.pt -p publish_tf:=map_to_odom
+    ros2 launch globloc_ros localize.launch.py model:=model.pt
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import (Point, Pose, PoseStamped, PoseWithCovariance, PoseWithCovarianceStamped,
+                               Quaternion, Transform, TransformStamped, Vector3)
+from nav_msgs.msg import Path as PathMsg
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
+from rclpy.duration import Duration
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
+                       qos_profile_sensor_data)
+from rclpy.time import Time
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from std_msgs.msg import Header
+from std_srvs.srv import Trigger
+
+from globloc_ros import frames as fr
+from globloc_ros import imgmsg
+
+PACKAGE = 'globloc_ros'
+DEFAULT_MODEL = 'globloc_synth.pt'
+EXIT_CONFIG = 2  # like argparse / `globloc`: the process could not start as configured
+
+
+@dataclass(frozen=True)
+class Param:
+    """One node parameter: name, default (its type is the parameter's type), description,
+    allowed values (choices) or an inclusive numeric range (low, high)."""
+    name: str
+    default: object
+    description: str
+    choices: tuple = ()
+    low: float | None = None
+    high: float | None = None
+
+
+PARAMETERS = (
+    Param('model', '', 'model file (.pt, .onnx, TensorRT engine); empty: share/globloc_ros/models/'
+          + DEFAULT_MODEL),
+    Param('backend', 'auto', 'inference backend', ('auto', 'tensorrt', 'onnxruntime', 'torch')),
+    Param('device', 'auto', 'inference device; auto: CUDA when present', ('auto', 'cpu', 'cuda')),
+    Param('precision', 'auto', 'inference precision; auto: fp16 for torch on CUDA and engines as built, '
+          'else fp32', ('auto', 'fp32', 'fp16')),
+    Param('threads', 0, 'CPU threads for inference; 0: the backend default', low=0, high=1024),
+    Param('image_topic', '/camera/image_raw', 'sensor_msgs/Image topic (rgb8, bgr8, mono8)'),
+    Param('compressed_topic', '/camera/image_raw/compressed', 'sensor_msgs/CompressedImage topic (jpeg, png)'),
+    Param('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo topic; the latest one is used'),
+    Param('image_transport', 'raw', 'which image topic to subscribe', ('raw', 'compressed')),
+    Param('map_frame', 'map', 'frame of the published poses'),
+    Param('odom_frame', 'odom', 'odometry frame for publish_tf=map_to_odom'),
+    Param('base_frame', '', "robot base frame: /initialpose carries the base pose (looked up base->camera "
+          "in tf2); empty: the camera pose"),
+    Param('publish_tf', 'none', 'TF to broadcast: none, map->camera optical frame, or map->odom (REP-105)',
+          ('none', 'map_to_camera', 'map_to_odom')),
+    Param('tf_timeout', 0.1, 'seconds to wait for a tf2 lookup (odom->camera, base->camera)', low=0.0, high=10.0),
+    Param('max_residual_m', 0.25, 'reject poses whose weighted RMS alignment residual exceeds this (m)',
+          low=1e-9, high=1e6),
+    Param('min_effective_points', 10.0, 'reject poses with fewer effective points (1 / sum w^2)',
+          low=0.0, high=1e9),
+    Param('qos', 'sensor_data', 'QoS of the camera subscriptions: sensor_data (best effort) or reliable',
+          ('sensor_data', 'reliable')),
+    Param('relocalize_on_start', False, 'publish the first confident pose on initialpose'),
+    Param('diagnostics_period', 1.0, 'seconds between /diagnostics messages', low=0.01, high=3600.0),
+    Param('path_length', 200, 'poses kept in ~/path (0: no path)', low=0, high=1_000_000),
+)
+
+CATEGORIES = ('dropped', 'no_camera_info', 'bad_camera_info', 'bad_image', 'failed', 'rejected', 'tf')
+
+
+class ConfigError(RuntimeError):
+    """The node cannot start as configured; the message names the parameter or file."""
+
+
+def _check_param(p: Param, value) -> object:
+    """Value of parameter `p` checked against its type, choices and range. Raises ConfigError."""
+    kind = type(p.default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # `-p max_residual_m:=1` is a fine way to say 1.0
+    if type(value) is not kind:
+        raise ConfigError(f"parameter '{p.name}': expected a {kind.__name__}, got {value!r} "
+                          f'({type(value).__name__})')
+    if p.choices and value not in p.choices:
+        raise ConfigError(f"parameter '{p.name}': {value!r} is not one of {', '.join(p.choices)}")
+    if p.low is not None and not (p.low <= value <= p.high):
+        raise ConfigError(f"parameter '{p.name}': {value!r} is outside [{p.low:g}, {p.high:g}]")
+    return value
+
+
+def _descriptor(p: Param) -> ParameterDescriptor:
+    d = ParameterDescriptor(description=p.description, read_only=True, dynamic_typing=True)
+    if p.choices:
+        d.additional_constraints = 'one of: ' + ', '.join(p.choices)
+    elif isinstance(p.default, float):
+        d.floating_point_range = [FloatingPointRange(from_value=float(p.low), to_value=float(p.high))]
+    elif isinstance(p.default, int) and not isinstance(p.default, bool) and p.low is not None:
+        d.integer_range = [IntegerRange(from_value=int(p.low), to_value=int(p.high), step=1)]
+    return d
+
+
+def default_model_path() -> Path:
+    """share/globloc_ros/models/globloc_synth.pt of the installed package (ament index), else the source
+    tree's models/ (editable installs are not in the ament index). Raises ConfigError if neither exists."""
+    tried = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            tried.append(Path(get_package_share_directory(PACKAGE)) / 'models' / DEFAULT_MODEL)
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    tried.append(Path(__file__).resolve().parents[1] / 'models' / DEFAULT_MODEL)
+    for path in tried:
+        if path.is_file():
+            return path
+    raise ConfigError("parameter 'model' is empty and no default model exists (looked for "
+                      + ', '.join(map(str, tried)) + '); pass -p model:=<file> or model:=<file> to the launch file')
+
+
+class Mailbox:
+    """A one-slot mailbox: put() replaces an item not yet taken (counted in `dropped`), get() waits for one."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._item = None
+        self._closed = False
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        with self._cond:
+            if self._item is not None:
+                self.dropped += 1
+            self._item = item
+            self._cond.notify()
+
+    def get(self, timeout: float):
+        """The newest item, or None after `timeout` seconds or once closed."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._item is not None or self._closed, timeout)
+            item, self._item = self._item, None
+            return item
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class Stats:
+    """Counters, last reasons and latency windows; written by the worker, read by the diagnostics timer."""
+
+    def __init__(self, window: int = 1000):
+        self.lock = threading.Lock()
+        self.counts: Counter = Counter()
+        self.reasons: dict[str, str] = {}
+        self.stamp_to_publish_ms: deque = deque(maxlen=window)
+        self.receive_to_publish_ms: deque = deque(maxlen=window)
+        self.processing_ms: deque = deque(maxlen=window)
+        self.localize_ms: deque = deque(maxlen=window)
+        self.overhead_ms: deque = deque(maxlen=window)
+        self.confident: deque = deque(maxlen=window)
+        self.last: dict[str, float] = {}
+
+    def count(self, category: str, reason: str = '') -> None:
+        with self.lock:
+            self.counts[category] += 1
+            if reason:
+                self.reasons[category] = reason
+
+
+def _percentiles(values) -> tuple[float, float]:
+    if not values:
+        return float('nan'), float('nan')
+    p50, p99 = np.percentile(np.fromiter(values, dtype=np.float64), [50, 99])
+    return float(p50), float(p99)
+
+
+def _stamp_ns(stamp) -> int:
+    return int(stamp.sec) * 1_000_000_000 + int(stamp.nanosec)
+
+
+def _pose_msg(T: np.ndarray) -> Pose:
+    p, q = fr.pose_to_xyz_quat(T)
+    return Pose(position=Point(x=float(p[0]), y=float(p[1]), z=float(p[2])),
+                orientation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
+
+
+def _transform_msg(T: np.ndarray) -> Transform:
+    p, q = fr.pose_to_xyz_quat(T)
+    return Transform(translation=Vector3(x=float(p[0]), y=float(p[1]), z=float(p[2])),
+                     rotation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
+
+
+def transform_to_matrix(tf) -> np.ndarray:
+    """geometry_msgs/Transform -> T (4, 4)."""
+    t, q = tf.translation, tf.rotation
+    return fr.pose_from_xyz_quat([t.x, t.y, t.z], [q.x, q.y, q.z, q.w])
+
+
+def is_valid_pose(T: np.ndarray, covariance: np.ndarray) -> str:
+    """'' if T (4, 4) is a finite rigid transform and covariance (6, 6) finite, else why not."""
+    if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+        return 'pose is not finite (NaN or inf)'
+    R = T[:3, :3]
+    if not np.allclose(R.T @ R, np.eye(3), atol=1e-3) or abs(np.linalg.det(R) - 1.0) > 1e-3:
+        return 'pose rotation is not orthonormal'
+    if covariance.shape != (6, 6) or not np.all(np.isfinite(covariance)):
+        return 'covariance is not a finite 6x6 matrix'
+    return ''
+
+
+class LocalizerNode(Node):
+    """See the module docstring. Raises ConfigError from __init__ when it cannot start."""
+
+    def __init__(self, node_name: str = 'globloc', **kwargs):
+        super().__init__(node_name, **kwargs)
+        self.cfg = self._read_parameters()
+        self.stats = Stats()
+        self._mailbox = Mailbox()
+        self._camera: tuple[imgmsg.Intrinsics | None, str] = (None, '')
+        self._logged_at: dict[str, float] = {}
+        self._relocalize = threading.Event()
+        self._stop = threading.Event()
+        self._path: deque = deque(maxlen=max(1, self.cfg['path_length']))
+        self._last_counts: Counter = Counter()
+        self._last_diag = time.monotonic()
+
+        self._tf_buffer = self._tf_broadcaster = None
+        if self.cfg['publish_tf'] != 'none' or self.cfg['base_frame']:
+            self._setup_tf()
+        self.localizer = self._load_localizer()
+
+        reliable = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+        self.pub_pose = self.create_publisher(PoseStamped, '~/pose', reliable)
+        self.pub_pose_cov = self.create_publisher(PoseWithCovarianceStamped, '~/pose_with_covariance', reliable)
+        self.pub_path = self.create_publisher(PathMsg, '~/path', reliable)
+        # nav2 AMCL subscribes `initialpose` (relative: /initialpose, or /<ns>/initialpose when namespaced).
+        # Transient local so a late subscriber that asks for it still gets the last relocalization.
+        self.pub_initial = self.create_publisher(
+            PoseWithCovarianceStamped, 'initialpose',
+            QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self.pub_diag = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+
+        if self.cfg['qos'] == 'sensor_data':
+            qos = QoSProfile(depth=2, reliability=qos_profile_sensor_data.reliability,
+                             durability=qos_profile_sensor_data.durability, history=HistoryPolicy.KEEP_LAST)
+        else:
+            qos = QoSProfile(depth=2, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
+        if self.cfg['image_transport'] == 'raw':
+            self.image_topic = self.cfg['image_topic']
+            self.create_subscription(Image, self.image_topic, self._on_image, qos)
+        else:
+            self.image_topic = self.cfg['compressed_topic']
+            self.create_subscription(CompressedImage, self.image_topic, self._on_image, qos)
+        self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
+                                 QoSProfile(depth=2, reliability=qos.reliability))
+        self.create_service(Trigger, '~/relocalize', self._on_relocalize)
+        self.create_timer(self.cfg['diagnostics_period'], self._publish_diagnostics)
+        if self.cfg['relocalize_on_start']:
+            self._relocalize.set()
+
+        self._worker = threading.Thread(target=self._work, name='globloc-worker', daemon=True)
+        self._worker.start()
+        lz = self.localizer
+        self.get_logger().info(
+            f'localizing {self.image_topic} + {self.cfg["camera_info_topic"]} with {self.cfg["model"]} '
+            f'({lz.backend}, {lz.device}, {lz.precision}, input {lz.input_size[0]}x{lz.input_size[1]}); '
+            f'poses on {self.pub_pose.topic_name}, TF {self.cfg["publish_tf"]}')
+
+    # ------------------------------------------------------------------------------------- start-up
+    def _read_parameters(self) -> dict:
+        cfg = {}
+        for p in PARAMETERS:
+            try:
+                value = self.declare_parameter(p.name, p.default, _descriptor(p)).value
+            except Exception as e:  # noqa: BLE001 - rclpy raises several types for bad overrides
+                raise ConfigError(f"parameter '{p.name}': {e}") from e
+            cfg[p.name] = _check_param(p, value)
+        for name in ('map_frame', 'odom_frame', 'image_topic', 'compressed_topic', 'camera_info_topic'):
+            if not cfg[name].strip():
+                raise ConfigError(f"parameter '{name}' must not be empty")
+        if cfg['publish_tf'] == 'map_to_odom' and cfg['odom_frame'] == cfg['map_frame']:
+            raise ConfigError("parameter 'odom_frame' must differ from 'map_frame' for publish_tf=map_to_odom")
+        cfg['model'] = str(default_model_path()) if not cfg['model'] else cfg['model']
+        return cfg
+
+    def _setup_tf(self) -> None:
+        try:
+            # tf2_ros comes from the ROS overlay, not PyPI: import it only when TF is asked for.
+            import tf2_ros
+        except ImportError as e:
+            need = (f"publish_tf={self.cfg['publish_tf']}" if self.cfg['publish_tf'] != 'none'
+                    else f"base_frame={self.cfg['base_frame']}")
+            raise ConfigError(f'{need} needs tf2_ros, which is not installed ({e}); install the ROS overlay '
+                              '(shared/ros-overlay/build.sh) or a ROS 2 distro, or set publish_tf:=none') from e
+        if self.cfg['publish_tf'] != 'none':
+            self._tf_broadcaster = tf2_ros.TransformBroadcaster(self)
+        if self.cfg['publish_tf'] == 'map_to_odom' or self.cfg['base_frame']:
+            self._tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+
+    def _load_localizer(self):
+        model = self.cfg['model']
+        if not Path(model).exists():
+            raise ConfigError(f"parameter 'model': file not found: {model}")
+        from globloc_ros.runtime import Localizer, LocalizerError  # torch/onnxruntime: imported after the checks
+
+        try:
+            auto = {'auto': None}
+            lz = Localizer(model, backend=self.cfg['backend'], device=auto.get(self.cfg['device'], self.cfg['device']),
+                           threads=self.cfg['threads'] or None, max_residual_m=self.cfg['max_residual_m'],
+                           min_effective_points=self.cfg['min_effective_points'],
+                           precision=auto.get(self.cfg['precision'], self.cfg['precision']))
+        except (LocalizerError, ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"parameter 'model' ({model}): {e}") from e
+        # One warm-up call so the first camera frame is not the one paying for lazy initialisation.
+        w, h = lz.input_size
+        K = np.array([[w, 0.0, (w - 1) / 2], [0.0, w, (h - 1) / 2], [0.0, 0.0, 1.0]])
+        try:
+            lz.localize(np.full((h, w, 3), 127, np.uint8), K)
+        except Exception as e:  # noqa: BLE001 - a model that cannot run at all should stop here
+            raise ConfigError(f"parameter 'model' ({model}): the model fails on a test image: "
+                              f'{type(e).__name__}: {e}') from e
+        return lz
+
+    # ------------------------------------------------------------------------------------- callbacks
+    def _on_image(self, msg) -> None:
+        self.stats.count('received')
+        self._mailbox.put((msg, time.perf_counter()))
+
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            cam = imgmsg.Intrinsics.from_camera_info(msg)
+        except ValueError as e:
+            self._camera = (None, str(e))
+            return
+        old = self._camera[0]
+        if not cam.same_as(old):
+            self._camera = (cam, '')  # a new object only when the camera changed: keeps undistortion maps
+
+    def _on_relocalize(self, _request, response):
+        self._relocalize.set()
+        response.success = True
+        response.message = (f'the next confident pose goes to {self.pub_initial.topic_name}'
+                            + (f' as the pose of {self.cfg["base_frame"]}' if self.cfg['base_frame'] else ''))
+        return response
+
+    # ------------------------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            item = self._mailbox.get(timeout=0.2)
+            if item is None:
+                continue
+            try:
+                self._process(*item)
+            except Exception as e:  # noqa: BLE001 - the worker must survive anything one frame does
+                self._reject('failed', f'{type(e).__name__}: {e}')
+
+    def _reject(self, category: str, reason: str) -> None:
+        """Count a problem (a frame that published nothing, or a TF that could not be published) with its
+        reason, shown in /diagnostics; log it at most every 5 s per category."""
+        self.stats.count(category, reason)
+        now = time.monotonic()
+        if now - self._logged_at.get(category, -1e9) >= 5.0:
+            self._logged_at[category] = now
+            log = self.get_logger().error if category == 'failed' else self.get_logger().warning
+            log(f'{category.replace("_", " ")}: {reason}')
+
+    def _process(self, msg, t_received: float) -> None:
+        t0 = time.perf_counter()
+        cam, cam_error = self._camera
+        if cam is None:
+            if cam_error:
+                return self._reject('bad_camera_info', cam_error)
+            return self._reject('no_camera_info', f'no CameraInfo on {self.cfg["camera_info_topic"]} yet')
+        try:
+            rgb = imgmsg.compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else imgmsg.image_to_rgb(msg)
+            imgmsg.check_size(rgb, cam)
+            rgb = cam.rectify(rgb)
+        except ValueError as e:
+            return self._reject('bad_image', str(e))
+        t_decoded = time.perf_counter()
+        try:
+            result = self.localizer.localize(rgb, cam.K)
+        except ValueError as e:
+            return self._reject('bad_image', f'localizer: {e}')
+        t_localized = time.perf_counter()
+        T = np.asarray(result.T_map_cam, dtype=np.float64)
+        cov = np.asarray(result.covariance, dtype=np.float64)
+        with self.stats.lock:
+            self.stats.last = {'residual_m': float(result.residual), 'n_eff': float(result.n_eff),
+                               'spread_m': float(result.spread)}
+            self.stats.confident.append(bool(result.confident))
+        if not result.confident:
+            return self._reject('rejected', result.reason or 'not confident')
+        invalid = is_valid_pose(T, cov)  # the Localizer checks this too; a NaN pose must never leave the node
+        if invalid:
+            return self._reject('rejected', invalid)
+        self._publish(msg.header, T, cov)
+        t1 = time.perf_counter()
+        age_ms = (self.get_clock().now().nanoseconds - _stamp_ns(msg.header.stamp)) / 1e6
+        with self.stats.lock:
+            self.stats.counts['published'] += 1
+            self.stats.processing_ms.append((t1 - t0) * 1e3)
+            self.stats.receive_to_publish_ms.append((t1 - t_received) * 1e3)
+            self.stats.localize_ms.append((t_localized - t_decoded) * 1e3)
+            # What the node adds to the Localizer between receiving the image and publishing the pose.
+            self.stats.overhead_ms.append((t1 - t_received - (t_localized - t_decoded)) * 1e3)
+            self.stats.stamp_to_publish_ms.append(age_ms)
+
+    def _publish(self, image_header, T: np.ndarray, cov: np.ndarray) -> None:
+        header = Header(stamp=image_header.stamp, frame_id=self.cfg['map_frame'])
+        pose = _pose_msg(T)
+        stamped = PoseStamped(header=header, pose=pose)
+        self.pub_pose.publish(stamped)
+        with_cov = PoseWithCovarianceStamped(
+            header=header, pose=PoseWithCovariance(pose=pose, covariance=cov.reshape(-1)))
+        self.pub_pose_cov.publish(with_cov)
+        if self.cfg['path_length'] > 0:
+            self._path.append(stamped)
+            if self.pub_path.get_subscription_count() > 0:  # a 200-pose Path is only built for a listener
+                self.pub_path.publish(PathMsg(header=header, poses=list(self._path)))
+        camera_frame = image_header.frame_id
+        if self._tf_broadcaster is not None:
+            self._publish_tf(header, camera_frame, T)
+        if self._relocalize.is_set():
+            self._publish_initial_pose(header, camera_frame, T, cov)
+
+    def _lookup(self, target: str, source: str, stamp) -> np.ndarray:
+        """T_target_source (4, 4) from tf2 at the image stamp, waiting at most tf_timeout. Raises on failure."""
+        tf = self._tf_buffer.lookup_transform(target, source, Time.from_msg(stamp),
+                                              timeout=Duration(seconds=self.cfg['tf_timeout']))
+        return transform_to_matrix(tf.transform)
+
+    def _publish_tf(self, header: Header, camera_frame: str, T_map_cam: np.ndarray) -> None:
+        if not camera_frame:
+            return self._reject('tf', 'image header.frame_id is empty: no camera frame for TF')
+        if self.cfg['publish_tf'] == 'map_to_camera':
+            child, T = camera_frame, T_map_cam
+        else:  # REP-105: map->odom = T_map_cam * T_odom_cam^-1, so that map->odom->...->camera = T_map_cam
+            try:
+                T_odom_cam = self._lookup(self.cfg['odom_frame'], camera_frame, header.stamp)
+            except Exception as e:  # noqa: BLE001 - tf2 raises LookupException, ExtrapolationException, ...
+                self._reject('tf', f'{self.cfg["odom_frame"]} -> {camera_frame}: {type(e).__name__}: {e}')
+                return
+            child, T = self.cfg['odom_frame'], T_map_cam @ fr.invert_pose(T_odom_cam)
+        self._tf_broadcaster.sendTransform(TransformStamped(header=header, child_frame_id=child,
+                                                            transform=_transform_msg(T)))
+
+    def _publish_initial_pose(self, header: Header, camera_frame: str, T_map_cam: np.ndarray,
+                              cov: np.ndarray) -> None:
+        T = T_map_cam
+        if self.cfg['base_frame']:
+            try:
+                T = T_map_cam @ fr.invert_pose(self._lookup(self.cfg['base_frame'], camera_frame, header.stamp))
+            except Exception as e:  # noqa: BLE001
+                self._reject('tf', f'{self.cfg["base_frame"]} -> {camera_frame}: {type(e).__name__}: {e}')
+                return  # stays pending: the next confident pose tries again
+        # The camera covariance is kept for the base pose: a fixed mount changes it little, and AMCL only
+        # uses it to spread its initial particles.
+        self.pub_initial.publish(PoseWithCovarianceStamped(
+            header=header, pose=PoseWithCovariance(pose=_pose_msg(T), covariance=cov.reshape(-1))))
+        self._relocalize.clear()
+        self.get_logger().info(f'published the relocalized pose on {self.pub_initial.topic_name}')
+
+    # ------------------------------------------------------------------------------------- diagnostics
+    def diagnostics(self) -> DiagnosticStatus:
+        """The node's health as one DiagnosticStatus (values are strings, keys snake_case)."""
+        s, now = self.stats, time.monotonic()
+        with s.lock:
+            counts = Counter(s.counts)
+            counts['dropped'] = self._mailbox.dropped
+            reasons = dict(s.reasons)
+            period = max(now - self._last_diag, 1e-3)
+            lat = _percentiles(s.stamp_to_publish_ms)
+            rtp = _percentiles(s.receive_to_publish_ms)
+            proc = _percentiles(s.processing_ms)
+            loc = _percentiles(s.localize_ms)
+            over = _percentiles(s.overhead_ms)
+            conf = float(np.mean(s.confident)) if s.confident else float('nan')
+            last = dict(s.last)
+        new = counts - self._last_counts
+        rate = new['published'] / period
+        self._last_counts, self._last_diag = counts, now
+        lz = self.localizer
+        values = {
+            'frames_received': counts['received'], 'frames_published': counts['published'],
+            **{f'frames_{c}': counts[c] for c in CATEGORIES if c != 'tf'}, 'tf_failures': counts['tf'],
+            'rate_hz': f'{rate:.2f}',
+            'latency_stamp_to_publish_p50_ms': f'{lat[0]:.2f}', 'latency_stamp_to_publish_p99_ms': f'{lat[1]:.2f}',
+            'latency_receive_to_publish_p50_ms': f'{rtp[0]:.2f}',
+            'latency_receive_to_publish_p99_ms': f'{rtp[1]:.2f}',
+            'processing_p50_ms': f'{proc[0]:.2f}', 'processing_p99_ms': f'{proc[1]:.2f}',
+            'localize_p50_ms': f'{loc[0]:.2f}', 'localize_p99_ms': f'{loc[1]:.2f}',
+            'node_overhead_p50_ms': f'{over[0]:.2f}', 'node_overhead_p99_ms': f'{over[1]:.2f}',
+            'confident_fraction': f'{conf:.3f}',
+            **{k: f'{v:.4g}' for k, v in last.items()},
+            **{f'last_reason_{c}': reasons.get(c, '') for c in CATEGORIES},
+            'backend': lz.backend, 'device': lz.device, 'precision': lz.precision,
+            'input_size': f'{lz.input_size[0]}x{lz.input_size[1]}', 'model': self.cfg['model'],
+            'rss_mb': f'{_rss_mb():.1f}',
+        }
+        if new['published']:
+            level, message = DiagnosticStatus.OK, f'localizing at {rate:.1f} Hz'
+        elif not new['received']:
+            level, message = DiagnosticStatus.WARN, f'no images on {self.image_topic}'
+        else:
+            worst = next((c for c in ('failed', 'bad_camera_info', 'no_camera_info', 'bad_image', 'rejected')
+                          if new[c]), 'dropped')
+            level = DiagnosticStatus.ERROR if worst == 'failed' else DiagnosticStatus.WARN
+            message = f'no pose published: {worst.replace("_", " ")}: {reasons.get(worst, "")}'
+        return DiagnosticStatus(level=level, name=f'{self.get_name()}: localizer', message=message,
+                                hardware_id=Path(self.cfg['model']).name,
+                                values=[KeyValue(key=k, value=str(v)) for k, v in values.items()])
+
+    def _publish_diagnostics(self) -> None:
+        self.pub_diag.publish(DiagnosticArray(header=Header(stamp=self.get_clock().now().to_msg()),
+                                              status=[self.diagnostics()]))
+
+    def shutdown(self) -> None:
+        """Stop the worker (it finishes the frame it is on)."""
+        self._stop.set()
+        self._mailbox.close()
+        self._worker.join(timeout=5.0)
+
+
+def _rss_mb() -> float:
+    """Resident memory of this process in MiB (Linux), NaN elsewhere."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+    except (OSError, ValueError, IndexError):
+        return float('nan')
+
+
+def main(args: list[str] | None = None) -> None:
+    rclpy.init(args=args)
+    try:
+        node = LocalizerNode()
+    except ConfigError as e:
+        print(f'globloc localizer: error: {e}', file=sys.stderr, flush=True)
+        rclpy.try_shutdown()
+        sys.exit(EXIT_CONFIG)
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        # rclpy's SIGINT handler shuts the context down and then lets Python raise KeyboardInterrupt, which
+        # could land anywhere in this cleanup: ignore further SIGINTs (a pending one included) while cleaning up.
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except KeyboardInterrupt:
+            pass
+        node.shutdown()
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    main()

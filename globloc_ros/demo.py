@@ -1,0 +1,318 @@
+"""The main job in one command (`make demo`): synthetic scene bags -> the node over real DDS -> report.
+
+Steps: (1) generate the default synthetic scene as bags, or reuse it; (2) take the model shipped in
+models/ (or, with --train, train one from the bags with the shipped model's recorded recipe);
+(3) start the node with `ros2 launch globloc_ros localize.launch.py` where launch is installed,
+else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while this
+process collects the published poses and the node's diagnostics; (5) print frames, poses
+published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
+Every child process runs in its own process group and is killed on exit, whatever happens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from globloc_ros import frames
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+SHIPPED_MODEL = ROOT / 'models' / 'globloc_synth.pt'
+
+
+class DemoError(RuntimeError):
+    pass
+
+
+def _step(msg: str) -> None:
+    print(f'\n== {msg}', flush=True)
+
+
+def _run(cmd: list[str], env: dict | None = None) -> None:
+    print('$ ' + ' '.join(map(str, cmd)), flush=True)
+    rc = subprocess.call([str(c) for c in cmd], env=env)
+    if rc != 0:
+        raise DemoError(f'command failed with exit code {rc}: {" ".join(map(str, cmd))}')
+
+
+def ensure_scene(scene: Path, frames_per_seq: int | None) -> list[Path]:
+    """The scene's bag folders (sorted; the last is held out), generating them if absent."""
+    if not (scene / 'scene.json').is_file():
+        _step(f'generating the synthetic scene in {scene}')
+        cmd = [sys.executable, '-m', 'globloc', 'synth', '--out', scene]
+        if frames_per_seq:
+            cmd += ['--frames', str(frames_per_seq)]
+        _run(cmd)
+    else:
+        _step(f'reusing the synthetic scene in {scene}')
+    bags = sorted(p for p in scene.iterdir() if (p / 'metadata.yaml').is_file())
+    if len(bags) < 2:
+        raise DemoError(f'{scene}: expected at least 2 sequence bags, found {len(bags)}')
+    return bags
+
+
+def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
+    if not args.train:
+        if not args.model.is_file():
+            raise DemoError(f'model not found: {args.model} (run `make demo-train` to train one)')
+        _step(f'using the shipped model {args.model}')
+        return args.model
+    from globloc_ros.modelfile import read_model_dict
+    model = out / 'model.pt'
+    recipe = read_model_dict(args.model)['meta'].get('train_args', {}) if args.model.is_file() else {}
+    _step(f'training a model from {len(train_bags)} bags with the shipped recipe -> {model}')
+    cmd = [sys.executable, '-m', 'globloc', 'train', '--bags', *train_bags, '--out', model, '--force']
+    for key, value in recipe.items():
+        if key in ('bags', 'out', 'force', 'resume', 'device'):
+            continue
+        flag = '--' + key.replace('_', '-')
+        if value is True:
+            cmd.append(flag)
+        elif value not in (False, None):
+            cmd += [flag, str(value)]
+    _run(cmd)
+    return model
+
+
+def _ament_prefix(prefix: Path) -> Path:
+    """A minimal ament prefix of symlinks into this checkout (what `colcon build --symlink-install`
+    would give): editable pip installs carry no data_files, and `ros2 launch` needs them."""
+    pkg = 'globloc_ros'
+    shutil.rmtree(prefix, ignore_errors=True)  # rebuilt each run: links follow the checkout
+    index = prefix / 'share/ament_index/resource_index/packages'
+    share, lib = prefix / 'share' / pkg, prefix / 'lib' / pkg
+    for folder in (index, share, lib):
+        folder.mkdir(parents=True)
+    (index / pkg).touch()
+    (share / 'package.xml').symlink_to(ROOT / 'package.xml')
+    for folder in ('launch', 'config', 'models'):
+        # real folders of symlinked files: ros2 launch finds launch files with os.walk, which
+        # does not follow symlinked folders
+        (share / folder).mkdir()
+        for src in (ROOT / folder).iterdir():
+            (share / folder / src.name).symlink_to(src)
+    for exe in ('localizer', 'replay'):
+        (lib / exe).symlink_to(VENV_BIN / exe)
+    return prefix
+
+
+def start_node(model: Path, out: Path, env: dict, use_launch: bool) -> subprocess.Popen:
+    if use_launch:
+        env['AMENT_PREFIX_PATH'] = os.pathsep.join(
+            [str(_ament_prefix(out / 'ament_prefix'))] + [p for p in [env.get('AMENT_PREFIX_PATH')] if p])
+        cmd = [VENV_BIN / 'ros2', 'launch', 'globloc_ros', 'localize.launch.py', f'model:={model}']
+    else:
+        cmd = [VENV_BIN / 'globloc-localizer', '--ros-args', '-p', f'model:={model}']
+    print('$ ' + ' '.join(map(str, cmd)), flush=True)
+    log = open(out / 'node.log', 'w')
+    return subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen | None) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=5)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class Collector:
+    """An rclpy node in this process: records the poses and the last diagnostics the node publishes."""
+
+    def __init__(self, namespace: str = '/globloc'):
+        import rclpy
+        from diagnostic_msgs.msg import DiagnosticArray
+        from geometry_msgs.msg import PoseStamped
+        from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+        rclpy.init()
+        self.rclpy = rclpy
+        self.node = rclpy.create_node('globloc_demo_collector')
+        self.poses: dict[int, np.ndarray] = {}
+        self.received_at: dict[int, float] = {}
+        self.diagnostics: dict[str, str] = {}
+        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+        self.node.create_subscription(PoseStamped, f'{namespace}/pose', self._on_pose, qos)
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._spin, daemon=True)
+        self._thread.start()
+
+    def _spin(self) -> None:
+        while not self._stop.is_set():
+            self.rclpy.spin_once(self.node, timeout_sec=0.05)
+
+    def _on_pose(self, msg) -> None:
+        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
+        p, q = msg.pose.position, msg.pose.orientation
+        self.poses[stamp] = frames.pose_from_xyz_quat([p.x, p.y, p.z], [q.x, q.y, q.z, q.w])
+        self.received_at[stamp] = time.monotonic()
+
+    def _on_diag(self, msg) -> None:
+        for status in msg.status:
+            if 'globloc' in status.name:
+                self.diagnostics = {kv.key: kv.value for kv in status.values}
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.node.destroy_node()
+        self.rclpy.try_shutdown()
+
+
+def report(gt: dict[int, np.ndarray], collector: Collector, out: Path, wall_s: float) -> dict:
+    """Errors of the received poses against ground truth; frames without a pose count as failures."""
+    from globloc.evaluate import plot_results, pose_metrics
+
+    stamps = sorted(gt)
+    T_gt = np.stack([gt[s] for s in stamps])
+    ok = np.array([s in collector.poses for s in stamps])
+    T_est = np.stack([collector.poses.get(s, np.full((4, 4), np.nan)) for s in stamps])
+    summary = pose_metrics(T_est, T_gt, ok)[0]
+    diag = collector.diagnostics
+    summary.update({
+        'frames': len(stamps), 'poses_published': int(sum(s in collector.poses for s in stamps)),
+        'rejected': diag.get('frames_rejected'), 'dropped': diag.get('frames_dropped'),
+        # replayed images carry their recorded stamps, so latency is measured from the node's receipt
+        'latency_p50_ms': diag.get('latency_receive_to_publish_p50_ms'),
+        'latency_p99_ms': diag.get('latency_receive_to_publish_p99_ms'),
+        'localize_p50_ms': diag.get('localize_p50_ms'), 'localize_p99_ms': diag.get('localize_p99_ms'),
+        'backend': diag.get('backend'),
+        'frames_per_s': round(len(collector.poses) / wall_s, 1) if wall_s > 0 else None,
+        'diagnostics': diag,
+    })
+    plots = plot_results(T_gt, T_est, out, ok=ok, title='globloc demo: held-out sequence through the ROS 2 node')
+    summary['plots'] = [str(p) for p in plots.values()]
+    (out / 'demo_report.json').write_text(json.dumps(summary, indent=2, default=float))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='globloc_ros.demo', description=__doc__.splitlines()[0])
+    parser.add_argument('--scene', type=Path, default=ROOT / 'data' / 'scene')
+    parser.add_argument('--model', type=Path, default=SHIPPED_MODEL)
+    parser.add_argument('--out', type=Path, default=ROOT / 'out' / 'demo')
+    parser.add_argument('--train', action='store_true', help='train the model from the bags first')
+    parser.add_argument('--frames', type=int, default=None, help='frames per sequence for a new scene')
+    parser.add_argument('--rate', type=float, default=30.0, help='replay rate, frames/s')
+    parser.add_argument('--no-launch', action='store_true', help='start the console script, not ros2 launch')
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    node = replay = collector = None
+    try:
+        bags = ensure_scene(args.scene, args.frames)
+        model = ensure_model(args, bags[:-1], args.out).resolve()
+
+        _step(f'reading ground truth of the held-out sequence {bags[-1].name}')
+        from globloc.bags import read_sequence
+        held_out = read_sequence(bags[-1], seq=len(bags) - 1, progress=True)
+        gt = {f.stamp_ns: f.T_map_cam for f in held_out.frames}
+
+        env = dict(os.environ, ROS_DOMAIN_ID=os.environ.get('ROS_DOMAIN_ID', str(random.randint(1, 200))),
+                   ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+        os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
+        use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
+        _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
+        node = start_node(model, args.out, env, use_launch)
+        collector = Collector()
+        _wait_for_node(collector, node, args.out / 'node.log')
+
+        _step(f'replaying {bags[-1].name} ({len(gt)} frames) at {args.rate:g} frames/s')
+        t0 = time.monotonic()
+        replay = subprocess.Popen([str(VENV_BIN / 'globloc-replay'), str(bags[-1]), '--rate-hz', str(args.rate)],
+                                  env=env, start_new_session=True)
+        _progress_until_done(replay, collector, len(gt))
+        time.sleep(1.0)  # the last frames are still in flight
+        wall = time.monotonic() - t0
+        if replay.returncode != 0:
+            raise DemoError(f'replay failed with exit code {replay.returncode}')
+        if node.poll() is not None:
+            raise DemoError(f'the node exited early with code {node.returncode}; see {args.out / "node.log"}')
+
+        summary = report(gt, collector, args.out, wall)
+        _print_summary(summary, args.out, time.monotonic() - t_start)
+        if summary['poses_published'] == 0:
+            raise DemoError('the node published no pose')
+        return 0
+    except DemoError as e:
+        print(f'\ndemo failed: {e}', file=sys.stderr)
+        return 1
+    finally:
+        _kill(replay)
+        _kill(node)
+        if collector is not None:
+            collector.close()
+
+
+def _has_launch() -> bool:
+    try:
+        import launch_ros  # noqa: F401  (from the ros-overlay; optional)
+        return True
+    except ImportError:
+        return False
+
+
+def _wait_for_node(collector: Collector, node: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise DemoError(f'the node exited at start (code {node.returncode}):\n{log.read_text()[-2000:]}')
+        if collector.node.count_publishers('/globloc/pose') > 0:
+            return
+        time.sleep(0.2)
+    raise DemoError(f'the node did not come up within {timeout_s:.0f} s; see {log}')
+
+
+def _progress_until_done(replay: subprocess.Popen, collector: Collector, total: int) -> None:
+    from tqdm import tqdm
+    with tqdm(total=total, desc='poses received', unit='frame') as bar:
+        while replay.poll() is None:
+            bar.update(len(collector.poses) - bar.n)
+            time.sleep(0.5)
+        bar.update(len(collector.poses) - bar.n)
+
+
+def _print_summary(s: dict, out: Path, wall_s: float) -> None:
+    def fmt(v, spec):
+        return format(float(v), spec) if v not in (None, '') else 'n/a'
+    print('\n== globloc demo: held-out sequence through the ROS 2 node')
+    rows = [
+        ('frames', s['frames']), ('poses published', s['poses_published']),
+        ('rejected (not confident)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
+        ('median translation error', fmt(s['median_translation_m'] * 100, '.1f') + ' cm'),
+        ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),
+        ('recall (5 cm, 5 deg)', fmt(s['recall_5cm_5deg'] * 100, '.1f') + ' %'),
+        ('recall (10 cm, 10 deg)', fmt(s['recall_10cm_10deg'] * 100, '.1f') + ' %'),
+        ('latency p50 / p99 (image in -> pose out)', f"{fmt(s.get('latency_p50_ms'), '.1f')} / {fmt(s.get('latency_p99_ms'), '.1f')} ms"),
+        (f"localizer alone p50 / p99 ({s.get('backend')})",
+         f"{fmt(s.get('localize_p50_ms'), '.1f')} / {fmt(s.get('localize_p99_ms'), '.1f')} ms"),
+        ('poses per second (replay-limited)', s.get('frames_per_s')),
+    ]
+    for k, v in rows:
+        print(f'  {k:<42} {v}')
+    print(f'  plots: {", ".join(s["plots"])}')
+    print(f'  report: {out / "demo_report.json"}   (demo wall time {wall_s:.0f} s)')
+
+
+if __name__ == '__main__':
+    sys.exit(main())

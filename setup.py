@@ -16,7 +16,7 @@ setup(
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
         ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.rviz')),
-        ('share/' + package_name + '/models', glob('models/*')),
+        ('share/' + package_name + '/models', [f for f in glob('models/*') if not f.endswith('.ckpt')]),
         # launch_ros runs <prefix>/lib/<pkg>/<executable>; pip puts console scripts in bin/.
         ('lib/' + package_name, ['scripts/localizer', 'scripts/replay']),
     ],

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -70,19 +71,23 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
         return args.model
     from globloc_ros.modelfile import read_model_dict
     model = out / 'model.pt'
-    recipe = read_model_dict(args.model)['meta'].get('train_args', {}) if args.model.is_file() else {}
-    _step(f'training a model from {len(train_bags)} bags with the shipped recipe -> {model}')
-    cmd = [sys.executable, '-m', 'globloc', 'train', '--bags', *train_bags, '--out', model, '--force']
-    for key, value in recipe.items():
-        if key in ('bags', 'out', 'force', 'resume', 'device'):
-            continue
-        flag = '--' + key.replace('_', '-')
-        if value is True:
-            cmd.append(flag)
-        elif value not in (False, None):
-            cmd += [flag, str(value)]
+    recipe = _recipe(read_model_dict(args.model)['meta']) if args.model.is_file() else []
+    _step(f'training a model from {len(train_bags)} bags with the shipped model\'s recipe -> {model}')
+    cmd = [sys.executable, '-m', 'globloc', 'train', '--bags', *train_bags, '--out', model, '--force', *recipe]
     _run(cmd)
     return model
+
+
+def _recipe(meta: dict) -> list[str]:
+    """The shipped model's training flags (meta['argv']) without its data and output paths."""
+    tokens = shlex.split(meta.get('argv', ''))[2:]  # drop 'globloc train'
+    flags, skip = [], False
+    for token in tokens:
+        if token.startswith('--'):
+            skip = token in ('--bags', '--out', '--force', '--resume', '--threads', '--quiet')
+        if not skip:
+            flags.append(token)
+    return flags
 
 
 def _ament_prefix(prefix: Path) -> Path:

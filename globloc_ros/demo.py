@@ -112,13 +112,15 @@ def _ament_prefix(prefix: Path) -> Path:
     return prefix
 
 
-def start_node(model: Path, out: Path, env: dict, use_launch: bool) -> subprocess.Popen:
+def start_node(model: Path, out: Path, env: dict, use_launch: bool, params_file: Path | None) -> subprocess.Popen:
     if use_launch:
         env['AMENT_PREFIX_PATH'] = os.pathsep.join(
             [str(_ament_prefix(out / 'ament_prefix'))] + [p for p in [env.get('AMENT_PREFIX_PATH')] if p])
         cmd = [VENV_BIN / 'ros2', 'launch', 'globloc_ros', 'localize.launch.py', f'model:={model}']
+        cmd += [f'params_file:={params_file}'] if params_file else []
     else:
         cmd = [VENV_BIN / 'globloc-localizer', '--ros-args', '-p', f'model:={model}']
+        cmd += ['--params-file', params_file] if params_file else []
     print('$ ' + ' '.join(map(str, cmd)), flush=True)
     log = open(out / 'node.log', 'w')
     return subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--train', action='store_true', help='train the model from the bags first')
     parser.add_argument('--frames', type=int, default=None, help='frames per sequence for a new scene')
     parser.add_argument('--rate', type=float, default=30.0, help='replay rate, frames/s')
+    parser.add_argument('--params-file', type=Path, default=None,
+                        help='node parameters (default: the package config/localizer.yaml)')
     parser.add_argument('--no-launch', action='store_true', help='start the console script, not ros2 launch')
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -238,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
         use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
         _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
-        node = start_node(model, args.out, env, use_launch)
+        node = start_node(model, args.out, env, use_launch, args.params_file)
         collector = Collector()
         _wait_for_node(collector, node, args.out / 'node.log')
 

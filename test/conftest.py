@@ -30,3 +30,19 @@ def real_bags() -> Path:
     if not path.is_dir() or not any(path.iterdir()):
         pytest.skip(f'real example bags not found at {path}')
     return path
+
+
+# ---- appended by the training engineer -----------------------------------------------------------------------
+TINY_MODEL = dict(steps=600, batch=4, input_size='64x48', ramp='0.3:0.6', w_pose=0.2, w_rel=0.2, seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_model(tiny_scene, tmp_path_factory) -> tuple[Path, Path]:
+    """(model_path, scene_dir): a GlobLocNet trained on tiny_scene's seq_00 + seq_01 (`globloc.train.train` with
+    TINY_MODEL: 600 steps at 64x48, about 25-45 s on 2 cores). Held-out seq_02 median error is a few decimetres:
+    good enough to tell a working pipeline from a broken one, not an accuracy figure."""
+    from globloc.train import train
+
+    out = tmp_path_factory.mktemp('tiny_model') / 'tiny.pt'
+    train(bags=[tiny_scene / 'seq_00', tiny_scene / 'seq_01'], out=out, quiet=True, threads=1, **TINY_MODEL)
+    return out, tiny_scene

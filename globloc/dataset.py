@@ -1,0 +1,362 @@
+"""Training data: bag frames -> tensors at the network's input size, and the (anchor, adjacent, distant) tuple sampler.
+
+Frames are read at their stored size (so `label_fraction` is a fraction of the *recorded* image's pixels, as in
+the paper's "< 1 % labelled pixels"), then resized once to the network input size:
+- images with cv2.INTER_AREA (downscaling) / INTER_LINEAR, K with frames.scale_intrinsics (pixel-centre rule);
+- labels (x, y, z, u, v): u, v moved with the same pixel-centre rule, so they stay in input-image pixels;
+- depth sampled at the stride-s cell centres (bilinear over the four nearest recorded pixels, invalid when any of
+  them is invalid or they straddle a depth edge), which is exactly what the depth head predicts.
+
+Sampling is a pure function of (seed, step): `TupleSampler.tuples(step, batch)` and `jitter_params(seed, step, n)`
+draw from np.random.default_rng([seed, step, ...]). That makes resuming exact and lets each distributed rank take its
+slice of the same global batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from globloc import bags as bg
+from globloc import graph as gr
+from globloc_ros import frames as fr
+
+DEPTH_EDGE_RATIO = 0.05  # four depth pixels differing by more than 5 % straddle an edge: no depth label there
+
+
+@dataclass
+class TrainData:
+    """All training frames as tensors at the network input size (W, H), stride-s cell grid (h, w).
+
+    images (N, 3, H, W) uint8 RGB; K (N, 3, 3) float32 of the input-size image; T_map_cam (N, 4, 4) float32 (metres);
+    depth (N, h, w) float32 metres at cell centres, NaN invalid; depth_full (N, H, W) the same at every input
+    pixel (for geometric augmentation); labels (N, M, 5) float32 x y z (map, metres) u v
+    (input pixels), padded; label_mask (N, M) bool; seq (N,) int64 sequence id; edges: graph edges over the global
+    frame index; edges_source: 'explicit' (from the bags' graph topic) or 'derived'; paths: the bag paths.
+    """
+    images: torch.Tensor
+    K: torch.Tensor
+    T_map_cam: torch.Tensor
+    depth: torch.Tensor
+    depth_full: torch.Tensor
+    labels: torch.Tensor
+    label_mask: torch.Tensor
+    seq: torch.Tensor
+    edges: list
+    edges_source: str
+    paths: list[str]
+    input_size: tuple[int, int]
+    stride: int
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def parse_size(text: str | tuple | list) -> tuple[int, int]:
+    """'WxH' or (W, H) -> (W, H); W and H must be positive multiples of 8 (the output stride)."""
+    if isinstance(text, str):
+        try:
+            w, h = (int(x) for x in text.lower().split('x'))
+        except ValueError:
+            raise ValueError(f'input size must be WxH, e.g. 160x120, got {text!r}') from None
+    else:
+        w, h = (int(x) for x in text)
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise ValueError(f'input size {w}x{h}: width and height must be positive multiples of 8 (the stride)')
+    return w, h
+
+
+def resize_frame(image: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """image (h0, w0, 3) uint8, K (3, 3) -> image (H, W, 3), K of it, and the scale factors (sx, sy)."""
+    W, H = size
+    h0, w0 = image.shape[:2]
+    sx, sy = W / w0, H / h0
+    if (W, H) != (w0, h0):
+        interp = cv2.INTER_AREA if sx < 1 and sy < 1 else cv2.INTER_LINEAR
+        image = cv2.resize(image, (W, H), interpolation=interp)
+    return image, fr.scale_intrinsics(K, sx, sy), sx, sy
+
+
+def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stride: int) -> np.ndarray:
+    """Recorded depth (h0, w0) metres (NaN invalid) -> (h, w) at the input image's cell centres.
+
+    Cell (i, j) sits at input pixel (s j + (s-1)/2, s i + (s-1)/2), i.e. at recorded pixel ((u + 0.5)/sx - 0.5, ...).
+    Bilinear over the four neighbours; NaN if any is invalid or they differ by more than DEPTH_EDGE_RATIO.
+    stride 1 gives the depth at every input pixel.
+    """
+    h0, w0 = depth.shape
+    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
+    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
+    u = np.clip(u, 0, w0 - 1)
+    v = np.clip(v, 0, h0 - 1)
+    u0 = np.minimum(np.floor(u).astype(int), w0 - 2) if w0 > 1 else np.zeros(w, int)
+    v0 = np.minimum(np.floor(v).astype(int), h0 - 2) if h0 > 1 else np.zeros(h, int)
+    fu, fv = u - u0, v - v0
+    u1, v1 = np.minimum(u0 + 1, w0 - 1), np.minimum(v0 + 1, h0 - 1)
+    d00, d01 = depth[v0][:, u0], depth[v0][:, u1]
+    d10, d11 = depth[v1][:, u0], depth[v1][:, u1]
+    quad = np.stack([d00, d01, d10, d11])
+    ok = np.all(np.isfinite(quad), 0)
+    with np.errstate(invalid='ignore'):
+        ok &= (np.nanmax(quad, 0) - np.nanmin(quad, 0)) <= DEPTH_EDGE_RATIO * np.nanmin(quad, 0)
+        out = ((1 - fv)[:, None] * ((1 - fu) * d00 + fu * d01) + fv[:, None] * ((1 - fu) * d10 + fu * d11))
+    return np.where(ok, out, np.nan).astype(np.float32)
+
+
+def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
+                   progress: bool = False) -> list[bg.Sequence]:
+    """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input."""
+    bg.check_label_fraction(label_fraction)
+    paths = bg.bag_paths(bag_args)
+    if not paths:
+        raise ValueError(f'no bags found in {list(map(str, bag_args))}')
+    return [bg.read_sequence(p, seq=i, label_fraction=label_fraction, seed=seed, max_frames=max_frames,
+                             progress=progress) for i, p in enumerate(paths)]
+
+
+def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:
+    """Explicit edges from the bags' graph topic if any bag has one, else edges derived from the poses."""
+    explicit = gr.edges_from_bags(sequences)
+    if explicit is not None:
+        return explicit, 'explicit'
+    return gr.derive_edges(sequences), 'derived'
+
+
+def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], stride: int = 8,
+                     need_labels: bool = True) -> TrainData:
+    """Sequences -> TrainData at `input_size` (W, H). Raises ValueError when frames lack what training needs."""
+    W, H = input_size
+    h, w = H // stride, W // stride
+    frames = [f for s in sequences for f in s.frames]
+    if not frames:
+        raise ValueError('the bags hold no frames')
+    n = len(frames)
+    images = np.empty((n, H, W, 3), np.uint8)
+    Ks = np.empty((n, 3, 3), np.float32)
+    Ts = np.empty((n, 4, 4), np.float32)
+    depth = np.full((n, h, w), np.nan, np.float32)
+    depth_full = np.full((n, H, W), np.nan, np.float32)
+    label_list = []
+    for k, f in enumerate(frames):
+        if not np.all(np.isfinite(f.T_map_cam)):
+            raise ValueError(f'{sequences[f.seq].path}: frame {f.index} has a non-finite pose')
+        img, K, sx, sy = resize_frame(f.image, f.K, input_size)
+        images[k], Ks[k], Ts[k] = img, K, f.T_map_cam
+        if f.depth is not None:
+            depth[k] = depth_at_cells(f.depth, sx, sy, h, w, stride)
+            depth_full[k] = depth_at_cells(f.depth, sx, sy, H, W, 1)
+        lm = np.zeros((0, 5), np.float32) if f.landmarks is None else np.asarray(f.landmarks, np.float32)
+        lm = lm[np.all(np.isfinite(lm), 1)].copy()
+        lm[:, 3] = (lm[:, 3] + 0.5) * sx - 0.5
+        lm[:, 4] = (lm[:, 4] + 0.5) * sy - 0.5
+        inside = (lm[:, 3] > -0.5) & (lm[:, 3] < W - 0.5) & (lm[:, 4] > -0.5) & (lm[:, 4] < H - 0.5)
+        label_list.append(lm[inside])
+    m = max(len(x) for x in label_list)
+    n_labelled = sum(len(x) > 0 for x in label_list)
+    if need_labels and n_labelled == 0:
+        raise ValueError(f'no frame has 3D labels (no landmarks topic and no depth in {[str(s.path) for s in sequences]}): '
+                         f'scene-coordinate training needs at least sparse labels')
+    labels = np.zeros((n, max(m, 1), 5), np.float32)
+    mask = np.zeros((n, max(m, 1)), bool)
+    for k, lm in enumerate(label_list):
+        labels[k, :len(lm)] = lm
+        mask[k, :len(lm)] = True
+    edges, source = graph_edges(sequences)
+    stats = {'frames': n, 'frames_per_sequence': [len(s.frames) for s in sequences],
+             'frames_with_depth': int(sum(f.depth is not None for f in frames)),
+             'frames_with_labels': int(n_labelled), 'labels_per_frame_mean': float(mask.sum() / n),
+             'recorded_size': [int(frames[0].image.shape[1]), int(frames[0].image.shape[0])],
+             'edges': gr.edge_counts(edges), 'edges_source': source}
+    return TrainData(images=torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), K=torch.from_numpy(Ks),
+                     T_map_cam=torch.from_numpy(Ts), depth=torch.from_numpy(depth),
+                     depth_full=torch.from_numpy(depth_full), labels=torch.from_numpy(labels),
+                     label_mask=torch.from_numpy(mask), seq=torch.tensor([f.seq for f in frames], dtype=torch.int64),
+                     edges=edges, edges_source=source, paths=[str(s.path) for s in sequences],
+                     input_size=(W, H), stride=stride, stats=stats)
+
+
+def scene_normalisation(data: TrainData) -> dict:
+    """NetConfig fields from the training data: scene_centre, scene_scale (m), depth_min/scale/max (m).
+
+    Centre = mean of the camera centres and label points; scale = RMS distance of those from the centre, so the
+    scene head's raw output is about unit size. Depth range from the depth cells, or the labels' camera-frame z
+    when there is no depth: depth_scale puts softplus(0) near the median depth, depth_max well above the largest.
+    """
+    labels = data.labels[data.label_mask].double()
+    centres = data.T_map_cam[:, :3, 3].double()
+    pts = torch.cat([centres, labels[:, :3]])
+    centre = pts.mean(0)
+    scale = float(torch.sqrt((pts - centre).square().sum(1).mean()).clamp(min=1e-3))
+    d = data.depth[torch.isfinite(data.depth)].double()
+    if d.numel() == 0:  # camera-frame depth of the labels
+        idx = torch.nonzero(data.label_mask)[:, 0]
+        T = data.T_map_cam[idx].double()
+        X = labels[:, :3] - T[:, :3, 3]
+        d = (T[:, :3, :3].transpose(1, 2) @ X[:, :, None])[:, 2, 0]
+        d = d[d > 0]
+    if d.numel() == 0:
+        raise ValueError('cannot infer the depth range: no valid depth and no label in front of its camera')
+    med, top = float(d.median()), float(torch.quantile(d.float()[:1_000_000], 0.999))
+    depth_min = max(0.01, 0.25 * float(d.min()))
+    return {'scene_centre': tuple(float(x) for x in centre), 'scene_scale': scale, 'depth_min': depth_min,
+            'depth_scale': max((med - depth_min) / float(np.log(2.0)), 1e-2), 'depth_max': 1.5 * top}
+
+
+class TupleSampler:
+    """Tuples (anchor, adjacent partner, distant partner) drawn from the graph edges.
+
+    Anchors are the frames that have at least one edge of each kind; for each tuple one adjacent and one distant
+    edge of the anchor are picked uniformly. `tuples(step, batch)` depends only on (seed, step).
+    """
+
+    def __init__(self, n_frames: int, edges: list, seed: int):
+        self.seed = int(seed)
+        self.n_frames = n_frames
+        T = np.stack([e.T_i_j for e in edges]).astype(np.float64) if edges else np.zeros((0, 4, 4))
+        self.T_i_j = T
+        self.T_j_i = fr.invert_pose(T) if len(T) else T
+        inc = {gr.ADJACENT: [[] for _ in range(n_frames)], gr.DISTANT: [[] for _ in range(n_frames)]}
+        for k, e in enumerate(edges):
+            if e.kind in inc and e.i != e.j:
+                inc[e.kind][e.i].append((e.j, k, 0))  # partner, edge, direction 0: T_anchor_partner = T_i_j
+                inc[e.kind][e.j].append((e.i, k, 1))  # direction 1: the inverse
+        self.incident = {kind: [np.array(x, dtype=np.int64).reshape(-1, 3) for x in lists]
+                         for kind, lists in inc.items()}
+        self.anchors = np.array([i for i in range(n_frames) if len(self.incident[gr.ADJACENT][i])
+                                 and len(self.incident[gr.DISTANT][i])], dtype=np.int64)
+        counts = gr.edge_counts(edges)
+        if len(self.anchors) == 0:
+            raise ValueError(f'too few frames for the graph: {n_frames} frames with {counts["adjacent"]} adjacent '
+                             f'and {counts["distant"]} distant edges, and no frame has both kinds (tuples need an '
+                             f'anchor with an adjacent and a distant partner; give more or longer overlapping '
+                             f'sequences)')
+
+    def tuples(self, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(batch, 3) frame indices (anchor, adjacent, distant) and (batch, 2, 4, 4) float64 measured relative
+        poses T_anchor_partner for the adjacent and distant partner."""
+        rng = np.random.default_rng([self.seed, int(step), 1])
+        anchors = self.anchors[rng.integers(0, len(self.anchors), size=batch)]
+        idx = np.empty((batch, 3), np.int64)
+        rel = np.empty((batch, 2, 4, 4), np.float64)
+        idx[:, 0] = anchors
+        for b, a in enumerate(anchors):
+            for slot, kind in ((0, gr.ADJACENT), (1, gr.DISTANT)):
+                cand = self.incident[kind][a]
+                partner, k, direction = cand[rng.integers(0, len(cand))]
+                idx[b, slot + 1] = partner
+                rel[b, slot] = self.T_j_i[k] if direction else self.T_i_j[k]
+        return idx, rel
+
+    def state(self) -> dict:
+        """What makes the draw reproducible (stored in checkpoints and compared on resume)."""
+        return {'seed': self.seed, 'n_frames': self.n_frames, 'anchors': int(len(self.anchors))}
+
+
+def jitter_params(seed: int, step: int, n: int, strength: float) -> np.ndarray:
+    """(n, 5) photometric jitter per image: brightness offset (0..255 units), contrast gain, three colour gains.
+
+    Geometry is untouched (no warps), so labels, depth and K stay exact. strength 0 gives the identity.
+    """
+    rng = np.random.default_rng([int(seed), int(step), 2])
+    p = np.empty((n, 5), np.float64)
+    p[:, 0] = rng.uniform(-1, 1, n) * 40.0 * strength
+    p[:, 1] = 1.0 + rng.uniform(-1, 1, n) * 0.4 * strength
+    p[:, 2:] = 1.0 + rng.uniform(-1, 1, (n, 3)) * 0.15 * strength
+    return p
+
+
+def apply_jitter(images: torch.Tensor, params: np.ndarray) -> torch.Tensor:
+    """images (B, 3, H, W) uint8 -> float (B, 3, H, W) on 0..255 with jitter params (B, 5) applied."""
+    x = images.float()
+    p = torch.as_tensor(params, dtype=torch.float32, device=x.device)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * p[:, 1, None, None, None] + mean + p[:, 0, None, None, None]
+    x = x * p[:, 2:, None, None]
+    return x.clamp(0.0, 255.0)
+
+
+def batch_tensors(data: TrainData, idx: np.ndarray, device: torch.device | str = 'cpu') -> dict:
+    """Gather frames (flat index array, any order) -> dict of tensors on `device` (images still uint8)."""
+    t = torch.from_numpy(np.asarray(idx, np.int64).reshape(-1))
+    return {'images': data.images[t].to(device), 'K': data.K[t].to(device), 'T': data.T_map_cam[t].to(device),
+            'depth': data.depth[t].to(device), 'depth_full': data.depth_full[t].to(device),
+            'labels': data.labels[t].to(device),
+            'label_mask': data.label_mask[t].to(device)}
+
+
+def warp_params(seed: int, step: int, n: int, max_scale: float, max_rotation_deg: float,
+                max_shift: float = 0.0) -> np.ndarray:
+    """(n, 4) per image: zoom factor s (log-uniform in [1/max_scale, max_scale]), in-plane rotation (rad, uniform
+    in +-max_rotation_deg) and a shift of the image (and principal point) by up to +-max_shift of its width and
+    height. max_scale 1, 0 degrees and shift 0 give the identity."""
+    rng = np.random.default_rng([int(seed), int(step), 3])
+    p = np.empty((n, 4), np.float64)
+    p[:, 0] = np.exp(rng.uniform(-1, 1, n) * np.log(max(max_scale, 1.0)))
+    p[:, 1] = np.radians(rng.uniform(-1, 1, n) * max_rotation_deg)
+    p[:, 2:] = rng.uniform(-1, 1, (n, 2)) * max_shift
+    return p
+
+
+def _rz(theta: torch.Tensor) -> torch.Tensor:
+    """(B,) angles -> (B, 3, 3) rotations about the optical axis z."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    o, z = torch.ones_like(c), torch.zeros_like(c)
+    return torch.stack([c, -s, z, s, c, z, z, z, o], -1).view(-1, 3, 3)
+
+
+def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torch.Tensor]:
+    """Geometric augmentation that keeps the geometry exact: a virtual camera rotated about its optical axis by
+    theta, with focal lengths scaled by s (a zoom about the principal point) and its principal point shifted by
+    (dx W, dy H) (the image content moves with it, as in a crop of a larger sensor).
+
+    For the new camera c': X_c' = Rz(theta) X_c, so T_map_c' = T_map_c Rz^T, K' = K with fx, fy * s and cx, cy
+    shifted, and a pixel maps as p' = K' Rz K^-1 p. Depth along the optical axis is unchanged under both, so the depth at a new
+    cell is the old depth where that cell's ray was. Images are resampled bilinearly (black outside the
+    original view), labels moved (and dropped when they leave the image), depth cells resampled from the
+    full-resolution depth. Returns the warped batch and Rz (B, 3, 3), which the caller applies to relative poses:
+    T_a'_p' = Rz_a T_a_p Rz_p^T.
+    """
+    images, K = batch['images'], batch['K']
+    B, _, H, W = images.shape
+    p = torch.as_tensor(params, dtype=K.dtype, device=K.device)
+    Rz = _rz(p[:, 1])
+    K2 = K.clone()
+    K2[:, 0, 0] *= p[:, 0]
+    K2[:, 1, 1] *= p[:, 0]
+    if p.shape[1] > 2:
+        K2[:, 0, 2] += p[:, 2] * W
+        K2[:, 1, 2] += p[:, 3] * H
+    fwd = K2 @ Rz @ torch.linalg.inv(K)  # old pixel -> new pixel (affine: last row 0 0 1)
+    back = torch.linalg.inv(fwd)
+
+    def sample(maps: torch.Tensor, uv_new: torch.Tensor, mode: str) -> torch.Tensor:
+        """maps (B, C, H, W) at input pixels; uv_new (B, N, 2) pixels of the new image -> (B, C, N)."""
+        uv = uv_new @ back[:, :2, :2].transpose(1, 2) + back[:, None, :2, 2]
+        grid = torch.stack([2 * uv[..., 0] / (W - 1) - 1, 2 * uv[..., 1] / (H - 1) - 1], -1)[:, :, None]
+        return F.grid_sample(maps, grid, mode=mode, padding_mode='zeros', align_corners=True)[..., 0]
+
+    pix = fr.cell_centres(H, W, 1, device=K.device, dtype=K.dtype)[None].expand(B, -1, -1)
+    out = dict(batch)
+    out['images'] = sample(images.to(K.dtype), pix, 'bilinear').view(B, 3, H, W)
+    h, w = H // stride, W // stride
+    cells = fr.cell_centres(h, w, stride, device=K.device, dtype=K.dtype)[None].expand(B, -1, -1)
+    d = batch['depth_full'][:, None]
+    valid = torch.isfinite(d).to(d.dtype)
+    # Valid only where all four bilinear neighbours are (the mask then samples to exactly 1).
+    dv = sample(torch.nan_to_num(d) * valid, cells, 'bilinear')[:, 0]
+    mv = sample(valid, cells, 'bilinear')[:, 0]
+    out['depth'] = torch.where(mv > 1 - 1e-4, dv / mv.clamp(min=1e-6), torch.full_like(dv, float('nan'))).view(B, h, w)
+    lab = batch['labels'].clone()
+    uv = lab[..., 3:5] @ fwd[:, :2, :2].transpose(1, 2) + fwd[:, None, :2, 2]
+    lab[..., 3:5] = uv
+    inside = (uv[..., 0] > -0.5) & (uv[..., 0] < W - 0.5) & (uv[..., 1] > -0.5) & (uv[..., 1] < H - 0.5)
+    out['labels'], out['label_mask'] = lab, batch['label_mask'] & inside
+    Rz4 = torch.eye(4, dtype=K.dtype, device=K.device).repeat(B, 1, 1)
+    Rz4[:, :3, :3] = Rz
+    out['T'] = batch['T'] @ Rz4.transpose(1, 2)
+    out['K'] = K2
+    return out, Rz4

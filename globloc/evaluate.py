@@ -1,0 +1,335 @@
+"""`globloc eval`: run a model over posed frames, score it (METHOD.md section 6), write JSON and plots.
+
+    globloc eval --model models/globloc_synth.pt --bags data/scene/seq_02 --json out/eval.json --plots out/plots
+
+Every frame is localised on its own (batch 1, as at run time), and timed from the recorded image to the pose
+(resize + network + alignment). A frame whose pose is not confident or not finite is a failure: it stays in the
+statistics at infinite error (so it lowers the recalls and can raise the medians), never dropped.
+
+Backends: 'torch' (default), 'onnxruntime', 'auto' run globloc_ros.runtime.Localizer, the node's own backend and
+confidence gate, so the figures are what the node would publish; 'direct' runs the network here with torch (align's
+flag plus the runtime's gate where available). The direct-regression baseline and the PnP method always run direct
+(the Localizer runs only the one-shot alignment graph). Methods: 'align' (the model's own pose; the regression
+baseline's output for a posenet model) or 'pnp' (the scene coordinates through cv2.solvePnPRansac).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from globloc import baselines as bl
+from globloc import bags as bg
+from globloc import dataset as ds
+from globloc_ros import frames as fr
+from globloc_ros.modelfile import read_model_dict
+from globloc_ros.net import NetConfig
+
+RECALLS = ((0.05, 5.0), (0.10, 10.0), (0.25, 2.0))  # (metres, degrees)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--model', required=True, help='model file')
+    p.add_argument('--bags', nargs='+', required=True, help='test bags (folders/files or a folder of bag folders)')
+    p.add_argument('--split', default='all', help="'all' or 'every:K' (every K-th frame of each bag)")
+    p.add_argument('--json', default=None, help='write the report here')
+    p.add_argument('--plots', default=None, help='write PNG plots into this folder')
+    p.add_argument('--backend', default='torch', choices=('torch', 'onnxruntime', 'auto', 'direct'),
+                   help="Localizer backend (default torch), or 'direct' (this module's own torch loop)")
+    p.add_argument('--method', choices=('align', 'pnp'), default='align',
+                   help="'align': the model's pose; 'pnp': its scene coordinates through cv2.solvePnPRansac")
+    p.add_argument('--max-frames', type=int, default=None, help='first N frames of each bag')
+    p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
+
+
+def parse_split(split: str) -> int:
+    """'all' -> 1, 'every:K' -> K."""
+    if split == 'all':
+        return 1
+    if split.startswith('every:'):
+        try:
+            k = int(split.split(':', 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return k
+    raise ValueError(f"--split must be 'all' or 'every:K' with K >= 1, got {split!r}")
+
+
+def load_test_frames(bags, split: str = 'all', max_frames: int | None = None) -> list[bg.Frame]:
+    every = parse_split(split)
+    seqs = [bg.read_sequence(p, seq=i, max_frames=max_frames, progress=False)
+            for i, p in enumerate(bg.bag_paths(bags))]
+    return [f for s in seqs for f in s.frames if f.index % every == 0]
+
+
+class _DirectLocalizer:
+    """Torch in this process: image (H, W, 3) uint8 RGB + K -> (T_map_cam (4, 4), confident, extras)."""
+
+    def __init__(self, model_path, method: str):
+        self.net, self.meta = bl.load_any_model(model_path)
+        self.config = self.net.config
+        self.arch = bl.model_arch(self.config)
+        self.method = method
+        if method == 'pnp' and self.arch != 'globloc':
+            raise ValueError(f'--method pnp needs a scene-coordinate (globloc) model; {model_path} is {self.arch}')
+
+    def __call__(self, image: np.ndarray, K: np.ndarray):
+        img, K_in, _, _ = ds.resize_frame(image, K, self.config.input_size)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        Kt = torch.from_numpy(K_in).float()[None]
+        with torch.inference_mode():
+            if self.method == 'pnp':
+                _, scene, _, _ = self.net.heads(x)
+                T, ok, inliers = bl.pnp_pose(scene[0].numpy(), K_in, self.config.stride)
+                return T, ok, {'inliers': inliers}
+            pose = self.net(x, Kt).pose
+        T = fr.pose_matrix(pose.R[0].double().numpy(), pose.t[0].double().numpy())
+        if not hasattr(pose, 'residual'):  # direct regression: nothing to gate on
+            return T, bool(pose.confident[0]), {}
+        residual, n_eff, spread = float(pose.residual[0]), float(pose.n_eff[0]), float(pose.spread[0])
+        ok = bool(pose.confident[0])
+        if _gate is not None:  # the node's own rule, so 'direct' and the Localizer agree
+            ok = ok and _gate(T, residual, n_eff, spread, _GATE_DEFAULTS[0], _GATE_DEFAULTS[1])[0]
+        return T, ok, {'residual_m': residual, 'n_eff': n_eff}
+
+
+try:
+    import inspect
+
+    from globloc_ros.runtime import Localizer as _Loc
+    from globloc_ros.runtime import gate as _gate
+    _sig = inspect.signature(_Loc.__init__).parameters
+    _GATE_DEFAULTS = (_sig['max_residual_m'].default, _sig['min_effective_points'].default)
+except (ImportError, KeyError):  # the runtime is optional for offline evaluation
+    _gate, _GATE_DEFAULTS = None, (None, None)
+
+
+class _RuntimeLocalizer:
+    """globloc_ros.runtime.Localizer (the node's backend), when it exists."""
+
+    def __init__(self, model_path, backend: str):
+        try:
+            from globloc_ros.runtime import Localizer
+        except ImportError as e:
+            raise ValueError(f'--backend {backend}: globloc_ros.runtime.Localizer is not available ({e}); '
+                             f"use --backend direct") from e
+        self.loc = Localizer(model_path, backend=backend)
+        self.meta = {}
+
+    def __call__(self, image: np.ndarray, K: np.ndarray):
+        r = self.loc.localize(image, K)
+        extra = {'residual_m': float(r.residual), 'n_eff': float(r.n_eff)}
+        if not r.confident:
+            extra['reason'] = r.reason
+        return np.asarray(r.T_map_cam, np.float64), bool(r.confident), extra
+
+
+def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
+                    warmup: int = 3):
+    """Localise each frame. Returns T_est (N, 4, 4), ok (N,) bool, time_ms (N,), extras (list of dicts), meta,
+    and the backend actually used ('direct' for posenet models and for PnP)."""
+    arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
+    if backend != 'direct' and (arch != 'globloc' or method == 'pnp'):
+        backend = 'direct'
+    loc = _DirectLocalizer(model_path, method) if backend == 'direct' else _RuntimeLocalizer(model_path, backend)
+    for f in frames[:warmup]:  # first calls allocate; keep them out of the timing
+        loc(f.image, f.K)
+    T_est = np.zeros((len(frames), 4, 4))
+    ok = np.zeros(len(frames), bool)
+    times = np.zeros(len(frames))
+    extras = []
+    for k, f in enumerate(frames):
+        t0 = time.perf_counter()
+        T, conf, extra = loc(f.image, f.K)
+        times[k] = (time.perf_counter() - t0) * 1e3
+        T_est[k], ok[k] = T, conf and bool(np.all(np.isfinite(T)))
+        extras.append(extra)
+    meta = loc.meta if backend == 'direct' else read_model_dict(model_path)['meta']
+    return T_est, ok, times, extras, meta, backend
+
+
+def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
+    """Errors and summary. Failures (ok False) count at infinite error. T_* (N, 4, 4) T_map_cam."""
+    t_raw, r_raw = fr.pose_errors(T_est, T_gt)
+    t_err, r_err = t_raw, r_raw
+    bad = ~ok | ~np.isfinite(t_err) | ~np.isfinite(r_err)
+    t_err = np.where(bad, np.inf, t_err)
+    r_err = np.where(bad, np.inf, r_err)
+    n = len(t_err)
+    out = {'frames': int(n), 'failures': int(bad.sum()),
+           'median_translation_m': float(np.median(t_err)) if n else math.nan,
+           'median_rotation_deg': float(np.median(r_err)) if n else math.nan,
+           'mean_translation_m_ok': float(t_err[~bad].mean()) if (~bad).any() else math.nan,
+           'p90_translation_m': float(np.quantile(t_err, 0.9, method='higher')) if n else math.nan}
+    fin = np.isfinite(t_raw) & np.isfinite(r_raw)
+    # The estimates' own accuracy, confidence ignored (diagnostics only: the figures above are the measure).
+    out['ungated'] = {'median_translation_m': float(np.median(t_raw[fin])) if fin.any() else math.nan,
+                      'median_rotation_deg': float(np.median(r_raw[fin])) if fin.any() else math.nan,
+                      'non_finite': int((~fin).sum())}
+    for m, d in RECALLS:
+        key = f'recall_{round(m * 100)}cm_{d:g}deg'
+        out[key] = float(np.mean((t_err <= m) & (r_err <= d))) if n else 0.0
+    return out, t_err, r_err, t_raw, r_raw
+
+
+def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', method: str = 'align',
+             json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None) -> dict:
+    """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc)."""
+    frames = frames if frames is not None else load_test_frames(bags, split, max_frames)
+    if not frames:
+        raise ValueError(f'no test frames in {bags} (split {split})')
+    T_gt = np.stack([f.T_map_cam for f in frames])
+    T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method)
+    summary, t_err, r_err, t_raw, r_raw = pose_metrics(T_est, T_gt, ok)
+    h, w = frames[0].image.shape[:2]
+    report = {
+        'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
+        'backend': backend, 'method': method, 'device': 'cpu', 'threads': torch.get_num_threads(),
+        'precision': 'fp32', 'recorded_size': [w, h],
+        'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
+        'model_command': meta.get('command'), 'model_steps': meta.get('steps'),
+        **summary,
+        'time_ms_per_frame': {'mean': float(times.mean()), 'p50': float(np.percentile(times, 50)),
+                              'p99': float(np.percentile(times, 99))},
+        'per_frame': [{'seq': f.seq, 'index': f.index, 'stamp_ns': f.stamp_ns,
+                       'translation_error_m': _finite(t), 'rotation_error_deg': _finite(r), 'confident': bool(o),
+                       'ungated_translation_error_m': _finite(tr), 'ungated_rotation_error_deg': _finite(rr),
+                       'time_ms': round(float(ms), 3), **extra}
+                      for f, t, r, tr, rr, o, ms, extra in zip(frames, t_err, r_err, t_raw, r_raw, ok, times, extras)],
+    }
+    if plots_dir:
+        report['plots'] = [str(p) for p in plot_results(T_gt, T_est, plots_dir, ok=ok,
+                                                        title=f'{Path(model_path).name} ({method})').values()]
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(_jsonable(report), indent=1))
+    return report
+
+
+def _finite(x: float):
+    return float(x) if math.isfinite(x) else None
+
+
+def _jsonable(x):
+    """inf / NaN -> None (strict JSON has no Infinity)."""
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def plot_results(T_gt: np.ndarray, T_est: np.ndarray, out_dir, ok: np.ndarray | None = None, title: str = '',
+                 prefix: str = '') -> dict[str, Path]:
+    """PNG plots of estimated vs ground-truth poses T_map_cam (N, 4, 4), in frame order.
+
+    trajectory: top view on the two map axes of largest camera-centre spread (x-y for a ground robot);
+    error_cdf: cumulative distribution of translation (cm) and rotation (deg) errors, failures at infinity;
+    error_over_index: both errors per frame. ok (N,) marks confident poses (default: all finite ones).
+    Returns {name: path}.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    T_gt, T_est = np.asarray(T_gt, np.float64), np.asarray(T_est, np.float64)
+    n = len(T_gt)
+    ok = np.all(np.isfinite(T_est.reshape(n, -1)), 1) if ok is None else np.asarray(ok, bool)
+    t_err, r_err = fr.pose_errors(np.where(ok[:, None, None], T_est, np.eye(4)), T_gt)
+    t_err = np.where(ok, t_err, np.inf)
+    r_err = np.where(ok, r_err, np.inf)
+    paths = {}
+
+    c_gt, c_est = T_gt[:, :3, 3], T_est[:, :3, 3]
+    spread = c_gt.std(0)
+    ax_i, ax_j = sorted(np.argsort(spread)[::-1][:2]) if spread[2] > min(spread[0], spread[1]) else (0, 1)
+    names = 'xyz'
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    ax.plot(c_gt[:, ax_i], c_gt[:, ax_j], '-', color='black', lw=1.5, label='ground truth')
+    ax.plot(c_est[ok, ax_i], c_est[ok, ax_j], '.', color='tab:blue', ms=3, label='estimate')
+    for k in np.flatnonzero(ok)[::max(1, n // 60)]:  # error vectors, thinned
+        ax.plot([c_gt[k, ax_i], c_est[k, ax_i]], [c_gt[k, ax_j], c_est[k, ax_j]], '-', color='tab:red', lw=0.6)
+    if (~ok).any():
+        ax.plot(c_gt[~ok, ax_i], c_gt[~ok, ax_j], 'x', color='tab:red', ms=5, label=f'failure ({(~ok).sum()})')
+    ax.set_xlabel(f'{names[ax_i]} (m)')
+    ax.set_ylabel(f'{names[ax_j]} (m)')
+    ax.set_aspect('equal', adjustable='datalim')
+    ax.legend(loc='best', fontsize=8)
+    ax.set_title(f'{title} top view'.strip())
+    paths['trajectory'] = _save(fig, out_dir / f'{prefix}trajectory.png')
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, err, unit, scale in ((axes[0], t_err, 'translation error (cm)', 100.0),
+                                 (axes[1], r_err, 'rotation error (deg)', 1.0)):
+        finite = np.sort(err[np.isfinite(err)]) * scale
+        ax.step(finite, np.arange(1, len(finite) + 1) / max(n, 1), where='post')
+        ax.set_xscale('log' if len(finite) and finite.max() > 20 * max(np.median(finite), 1e-9) else 'linear')
+        ax.set_xlabel(unit)
+        ax.set_ylabel('fraction of frames')
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f'{title} error CDF ({n} frames, {(~ok).sum()} failures)'.strip())
+    paths['error_cdf'] = _save(fig, out_dir / f'{prefix}error_cdf.png')
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 5), sharex=True)
+    idx = np.arange(n)
+    axes[0].plot(idx, np.where(ok, t_err * 100, np.nan), lw=0.8)
+    axes[0].set_ylabel('translation (cm)')
+    axes[1].plot(idx, np.where(ok, r_err, np.nan), lw=0.8, color='tab:orange')
+    axes[1].set_ylabel('rotation (deg)')
+    axes[1].set_xlabel('frame')
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        for k in np.flatnonzero(~ok):
+            ax.axvline(k, color='tab:red', alpha=0.3, lw=0.8)
+    fig.suptitle(f'{title} error over frames'.strip())
+    paths['error_over_index'] = _save(fig, out_dir / f'{prefix}error_over_index.png')
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    return path
+
+
+def format_summary(r: dict) -> str:
+    t = r['time_ms_per_frame']
+    return (f"{r['frames']} frames, {r['failures']} failures: median {_cm(r['median_translation_m'])} / "
+            f"{r['median_rotation_deg']:.2f} deg; recall 5cm/5deg {r['recall_5cm_5deg']:.3f}, 10cm/10deg "
+            f"{r['recall_10cm_10deg']:.3f}, 25cm/2deg {r['recall_25cm_2deg']:.3f}; "
+            f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}); "
+            f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
+            f"{r['ungated']['median_rotation_deg']:.2f} deg")
+
+
+def _cm(m: float) -> str:
+    return f'{m * 100:.2f} cm' if math.isfinite(m) else 'inf'
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.model).exists():
+        raise FileNotFoundError(f'model file not found: {args.model}')
+    r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,
+                 json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames)
+    print(format_summary(r))
+    if args.json:
+        print(f'wrote {args.json}')
+    if args.plots:
+        print(f'wrote {len(r["plots"])} plots to {args.plots}')
+    return 0
+

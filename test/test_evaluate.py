@@ -1,0 +1,141 @@
+"""globloc eval / compare: metrics (failures at infinite error), JSON report, PNG plots, PnP and regression baselines."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from globloc import baselines as bl
+from globloc import dataset as ds
+from globloc import evaluate as ev
+from globloc.cli import main as cli_main
+from globloc_ros import frames as fr
+
+PNG = b'\x89PNG\r\n\x1a\n'
+
+
+def _poses(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    T = np.tile(np.eye(4), (n, 1, 1))
+    T[:, :3, 3] = np.c_[np.cos(np.arange(n) / 5) * 2, np.sin(np.arange(n) / 5) * 1.5, 1.2 + 0.01 * rng.normal(size=n)]
+    return T
+
+
+def _shift(T: np.ndarray, metres: np.ndarray) -> np.ndarray:
+    T = T.copy()
+    T[:, 0, 3] += metres
+    return T
+
+
+def test_failures_count_at_infinite_error():
+    gt = _poses(5)
+    est = _shift(gt, np.array([0.01, 0.02, 0.2, 0.03, 0.0]))
+    ok = np.array([True, True, True, True, False])  # the last is exact but not confident: still a failure
+    m, t_err, _, t_raw, _ = ev.pose_metrics(est, gt, ok)
+    assert m['frames'] == 5 and m['failures'] == 1 and math.isinf(t_err[4]) and t_raw[4] == 0.0
+    assert m['ungated']['median_translation_m'] == pytest.approx(0.02)
+    assert m['median_translation_m'] == pytest.approx(0.03)  # median of 0.01, 0.02, 0.03, 0.2, inf
+    assert m['recall_5cm_5deg'] == pytest.approx(3 / 5) and m['recall_25cm_2deg'] == pytest.approx(4 / 5)
+    # Non-finite poses fail even when flagged confident.
+    est[0, 0, 3] = np.nan
+    m2, *_ = ev.pose_metrics(est, gt, np.ones(5, bool))
+    assert m2['failures'] == 1 and m2['recall_5cm_5deg'] == pytest.approx(3 / 5)
+    # More than half failing: the median is infinite, not the median of the survivors.
+    m3, *_ = ev.pose_metrics(est, gt, np.array([True, False, False, False, True]))
+    assert math.isinf(m3['median_translation_m'])
+
+
+def test_split_parsing():
+    assert ev.parse_split('all') == 1 and ev.parse_split('every:4') == 4
+    for bad in ('every:0', 'every:x', 'half'):
+        with pytest.raises(ValueError, match="'all' or 'every:K'"):
+            ev.parse_split(bad)
+
+
+def test_plots_from_poses_alone(tmp_path):
+    """The demo calls plot_results with poses it received from the node: no model, failures included."""
+    gt = _poses(40)
+    est = _shift(gt, np.linspace(0, 0.3, 40))
+    est[7] = np.nan
+    ok = np.all(np.isfinite(est.reshape(40, -1)), 1)
+    paths = ev.plot_results(gt, est, tmp_path / 'plots', ok=ok, title='demo')
+    assert set(paths) == {'trajectory', 'error_cdf', 'error_over_index'}
+    for p in paths.values():
+        assert p.read_bytes()[:8] == PNG and p.stat().st_size > 5000
+
+
+def test_pnp_recovers_the_pose_from_exact_scene_coordinates(tiny_scene):
+    seq = ds.load_sequences([tiny_scene / 'seq_02'], 0.005)
+    data = ds.build_train_data(seq, (160, 120), need_labels=False)
+    h, w = data.depth.shape[1:]
+    k = 5
+    T = data.T_map_cam[k].double().numpy()
+    uv = fr.cell_centres(h, w, 8).double().numpy()
+    d = data.depth[k].double().numpy().reshape(-1)
+    K = data.K[k].double().numpy()
+    X_cam = np.c_[(uv[:, 0] - K[0, 2]) / K[0, 0] * d, (uv[:, 1] - K[1, 2]) / K[1, 1] * d, d]
+    X_map = (X_cam @ T[:3, :3].T + T[:3, 3]).T.reshape(3, h, w)
+    X_map[:, ::7] += 3.0  # outlier columns for RANSAC to reject
+    est, ok, inliers = bl.pnp_pose(X_map, K, 8)
+    t_err, r_err = fr.pose_errors(est, T)
+    assert ok and inliers > 0.5 * np.isfinite(d).sum() and t_err < 0.01 and r_err < 0.5
+
+
+def test_eval_cli_json_and_plots(tiny_model, tmp_path):
+    model, scene = tiny_model
+    with pytest.raises(SystemExit) as e:
+        cli_main(['eval', '--model', str(model), '--bags', str(scene / 'seq_02'), '--json', str(tmp_path / 'e.json'),
+                  '--plots', str(tmp_path / 'plots')])
+    assert e.value.code == 0
+    r = json.loads((tmp_path / 'e.json').read_text())
+    for key in ('frames', 'failures', 'median_translation_m', 'median_rotation_deg', 'recall_5cm_5deg',
+                'recall_10cm_10deg', 'recall_25cm_2deg', 'per_frame', 'time_ms_per_frame'):
+        assert key in r, key
+    assert r['frames'] == 24 == len(r['per_frame']) and 0 <= r['failures'] <= 24
+    assert 0 <= r['recall_5cm_5deg'] <= r['recall_10cm_10deg'] <= 1 and 0 <= r['recall_25cm_2deg'] <= 1
+    assert 0 < r['time_ms_per_frame']['p50'] < 2000 and r['backend'] == 'torch'
+    # Plausible: the trained model beats guessing the training cameras' mean position for every frame.
+    train = ds.build_train_data(ds.load_sequences([scene / 'seq_00', scene / 'seq_01'], 0.005), (160, 120))
+    mean_centre = train.T_map_cam[:, :3, 3].double().mean(0).numpy()
+    test = ds.build_train_data(ds.load_sequences([scene / 'seq_02'], 0.005), (160, 120), need_labels=False)
+    guess = np.median(np.linalg.norm(test.T_map_cam[:, :3, 3].double().numpy() - mean_centre, axis=1))
+    errors = [f['translation_error_m'] if f['translation_error_m'] is not None else math.inf for f in r['per_frame']]
+    assert np.median(errors) == pytest.approx(r['median_translation_m']) or math.isinf(np.median(errors))
+    assert r['ungated']['median_translation_m'] < 0.8 * guess, (r['ungated'], guess)
+    pngs = sorted((tmp_path / 'plots').glob('*.png'))
+    assert [p.name for p in pngs] == ['error_cdf.png', 'error_over_index.png', 'trajectory.png']
+    assert all(p.read_bytes()[:8] == PNG for p in pngs)
+
+
+def test_direct_backend_agrees_with_the_localizer(tiny_model):
+    model, scene = tiny_model
+    frames = ev.load_test_frames([scene / 'seq_02'], 'every:6')
+    a = ev.localize_frames(model, frames, 'torch')
+    b = ev.localize_frames(model, frames, 'direct')
+    assert a[5] == 'torch' and b[5] == 'direct'
+    assert np.allclose(a[0], b[0], atol=1e-4) and np.array_equal(a[1], b[1])
+
+
+def test_compare_writes_one_table(tiny_scene, tmp_path):
+    """A miniature comparison (2 steps per model): the harness runs every row and writes table + plot."""
+    import argparse
+
+    from globloc import compare
+
+    args = argparse.Namespace(bags=[tiny_scene / 'seq_00', tiny_scene / 'seq_01'], test_bags=[tiny_scene / 'seq_02'],
+                              steps=2, seeds=2, out=tmp_path / 'cmp', split='every:4', input_size='64x48', batch=2,
+                              label_fraction=0.005, reuse=False, threads=1, quiet=True)
+    rep = compare.compare(args)
+    assert [r['method'] for r in rep['rows']] == ['globloc', 'globloc --no-relative', 'posenet (direct regression)',
+                                                   'globloc + PnP-RANSAC']
+    assert [len(r['runs']) for r in rep['rows']] == [2, 2, 1, 2]
+    assert rep['test_frames'] == 6
+    md = (tmp_path / 'cmp' / 'compare.md').read_text()
+    assert md.count('\n| ') == 5 and 'median t (cm)' in md
+    assert json.loads((tmp_path / 'cmp' / 'compare.json').read_text())['steps'] == 2
+    assert (tmp_path / 'cmp' / 'compare.png').read_bytes()[:8] == PNG
+    # The posenet model is a model file of its own kind, loadable by the baseline loader.
+    net, meta = bl.load_any_model(tmp_path / 'cmp' / 'models' / 'posenet_s0.pt')
+    assert isinstance(net, bl.PoseNetBaseline) and meta['arch'] == 'posenet'

@@ -121,6 +121,9 @@ def derive_edges(sequences: list[Sequence], adjacent_k: int = 3, distant_radius_
 def edges_from_bags(sequences: list[Sequence]) -> list[Edge] | None:
     """Explicit edges from the bags' graph topic, matched to frames by (sequence id, image stamp).
 
+    The sequence id is the one the recorder wrote (a bag's own edges start in its sequence), not the
+    bag's position in `sequences`, so any subset of a scene's bags, in any order, matches correctly.
+
     None when no bag has the graph topic. Edges whose frames were not read (dropped, other sequences not
     loaded, max_frames) are left out; so are duplicates (the same (i, j, kind) written twice).
     """
@@ -128,8 +131,10 @@ def edges_from_bags(sequences: list[Sequence]) -> list[Edge] | None:
         return None
     index, g = {}, 0
     for s in sequences:
+        own = [e.seq_i for e in s.edges or ()]
+        recorded_id = max(set(own), key=own.count) if own else s.seq
         for f in s.frames:
-            index[(s.seq, f.stamp_ns)] = g
+            index[(recorded_id, f.stamp_ns)] = g
             g += 1
     out, seen = [], set()
     for s in sequences:

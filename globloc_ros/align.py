@@ -15,7 +15,7 @@ from typing import NamedTuple
 import roma
 import torch
 
-HORN_SQUARINGS = 24  # the eigengap ratio r of N + alpha*I shrinks as r**(2**k): 24 is far past float64
+HORN_SQUARINGS = 16  # the eigengap ratio r of N + alpha*I shrinks as r**(2**k): r**65536 is 0 for any usable gap
 MIN_POINTS = 3.0  # effective point count below which a pose is not trusted
 MIN_SPREAD_RATIO = 1e-4  # (second principal variance / total variance) below this = collinear
 _EPS = 1e-12

@@ -118,3 +118,13 @@ def test_derive_is_fast_for_thousands_of_frames():
     edges = graph.derive_edges_from_poses(T, np.repeat(np.arange(3), n // 3))
     assert time.process_time() - t0 < 1.0
     assert graph.edge_counts(edges)['adjacent'] == 3 * sum(1000 - d for d in (1, 2, 3))
+
+
+def test_explicit_edges_match_any_subset_of_sequences(tiny_scene):
+    """Training on seq_00 + seq_02 (positions 0, 1): edges are matched by the recorded sequence ids."""
+    part = bags.read_bags([tiny_scene / 'seq_02', tiny_scene / 'seq_00'], progress=False)
+    T = np.stack([f.T_map_cam for s in part for f in s.frames])
+    edges = graph.edges_from_bags(part)
+    assert graph.edge_counts(edges)['distant'] > 0
+    for e in edges:  # every edge's measured relative pose agrees with the frames it was matched to
+        np.testing.assert_allclose(fr.relative_pose(T[e.i], T[e.j]), e.T_i_j, atol=1e-9)

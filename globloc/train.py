@@ -42,7 +42,7 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 # Arguments that define the run's trajectory: a checkpoint may only be resumed with the same values.
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
-               'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift', 'dilations')
+               'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +81,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--resume', action='store_true', help='continue from OUT.ckpt')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--input-size', default='128x96', help='network input WxH (default 128x96)')
-    p.add_argument('--dilations', default='1,2,4',
-                   help='dilations of the three stride-8 residual blocks (receptive field; default 1,2,4)')
     p.add_argument('--checkpoint-every', type=int, default=500, help='checkpoint every N steps (and at the end)')
     p.add_argument('--force', action='store_true', help='overwrite an existing model / start over from scratch')
     p.add_argument('--arch', choices=('globloc', 'posenet'), default='globloc',
@@ -334,10 +332,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     del sequences
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
     norm = ds.scene_normalisation(data)
-    dilations = tuple(int(d) for d in a.dilations.split(','))
-    if len(dilations) != 3 or min(dilations) < 1:
-        raise ValueError(f'--dilations must be three integers >= 1, got {a.dilations!r}')
-    config = NetConfig(input_size=input_size, dilations=dilations, **norm)
+    config = NetConfig(input_size=input_size, **norm)
     tau = a.sc_clamp if a.sc_clamp is not None else 0.1 * config.scene_scale
 
     torch.manual_seed(a.seed)  # identical initial weights on every rank and in every resumed run

@@ -29,7 +29,6 @@ class NetConfig:
     input_size: tuple[int, int] = (320, 240)  # (W, H) the network is fed at
     stride: int = 8
     widths: tuple[int, int, int] = (32, 64, 96)  # stride 2, 4, 8 stages
-    dilations: tuple[int, int, int] = (1, 2, 4)  # of the three residual blocks at stride 8: set the receptive field
     head_width: int = 128
     mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, on 0..255
     std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -46,9 +45,8 @@ class NetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> 'NetConfig':
         d = dict(d)
-        for key in ('input_size', 'widths', 'dilations', 'mean', 'std', 'scene_centre'):
-            if key in d:  # absent in files older than the key: the default applies
-                d[key] = tuple(d[key])
+        for key in ('input_size', 'widths', 'mean', 'std', 'scene_centre'):
+            d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -87,7 +85,7 @@ class GlobLocNet(nn.Module):
         w2, w4, w8 = cfg.widths
         self.backbone = nn.Sequential(
             _conv(3, w2, 2), _conv(w2, w4, 2), _conv(w4, w8, 2),
-            *[_Residual(w8, d) for d in cfg.dilations])
+            _Residual(w8, 1), _Residual(w8, 2), _Residual(w8, 4))
         self.trunk = nn.Sequential(nn.Conv2d(w8, cfg.head_width, 1), nn.ReLU(inplace=True))
         self.scene_head = nn.Conv2d(cfg.head_width, 3, 1)
         self.depth_head = nn.Conv2d(cfg.head_width, 1, 1)

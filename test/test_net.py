@@ -62,13 +62,3 @@ def test_model_file_errors(tmp_path):
     torch.save(d, tmp_path / 'mismatch.pt')
     with pytest.raises(ModelFileError, match='do not fit'):
         load_model(tmp_path / 'mismatch.pt')
-
-
-def test_config_keys_added_later_default_when_absent(tmp_path):
-    net = GlobLocNet(NetConfig(input_size=(64, 48), dilations=(1, 1, 1)))
-    save_model(net, tmp_path / 'm.pt')
-    d = torch.load(tmp_path / 'm.pt', weights_only=True)
-    del d['config']['dilations']  # as in files written before the key existed
-    torch.save(d, tmp_path / 'old.pt')
-    assert load_model(tmp_path / 'old.pt')[0].config.dilations == NetConfig().dilations
-    assert load_model(tmp_path / 'm.pt')[0].config.dilations == (1, 1, 1)

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import random
-import shlex
 import shutil
 import signal
 import subprocess
@@ -79,14 +78,16 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
 
 
 def _recipe(meta: dict) -> list[str]:
-    """The shipped model's training flags (meta['argv']) without its data and output paths."""
-    tokens = shlex.split(meta.get('argv', ''))[2:]  # drop 'globloc train'
-    flags, skip = [], False
-    for token in tokens:
-        if token.startswith('--'):
-            skip = token in ('--bags', '--out', '--force', '--resume', '--threads', '--quiet')
-        if not skip:
-            flags.append(token)
+    """The shipped model's full training recipe (meta['recipe']) as `globloc train` flags."""
+    flags = []
+    for key, value in meta.get('recipe', {}).items():
+        flag = '--' + key.replace('_', '-')
+        if key == 'input_size':
+            flags += [flag, f'{value[0]}x{value[1]}']
+        elif value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:  # (0 == False, so no `in` test)
+            flags += [flag, str(value)]
     return flags
 
 

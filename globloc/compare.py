@@ -170,6 +170,6 @@ def plot_cdfs(curves: dict[str, np.ndarray], path: Path, title: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    rep = compare(args)
+    compare(args)
     print((Path(args.out) / 'compare.md').read_text())
     return 0

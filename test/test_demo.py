@@ -5,7 +5,6 @@ import random
 import subprocess
 import sys
 
-import pytest
 
 
 def test_demo_pipeline_through_the_node(tiny_model, tmp_path):

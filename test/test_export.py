@@ -1,5 +1,4 @@
 """globloc export: ONNX checked and compared with PyTorch on real frames, op allow-list, TorchScript, TensorRT."""
-import io
 import json
 
 import numpy as np

@@ -73,6 +73,24 @@ class Topics:
     graph: str = '/globloc/pose_graph'
 
 
+def parse_topics(items: Iterable[str] | None) -> Topics:
+    """Command-line overrides ['pose=/slam/pose', 'odometry=/odom'] -> Topics (defaults elsewhere)."""
+    names = {}
+    for item in items or ():
+        key, sep, value = item.partition('=')
+        if not sep or key not in Topics.__dataclass_fields__ or not value.startswith('/'):
+            raise ValueError(f'--topic {item!r}: expected KEY=/topic/name with KEY one of '
+                             f'{", ".join(Topics.__dataclass_fields__)}')
+        names[key] = value
+    return Topics(**names)
+
+
+def add_topic_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--topic', action='append', metavar='KEY=NAME', default=None,
+                        help='topic name other than the contract default, e.g. pose=/slam/pose or '
+                             'odometry=/odom (repeatable; keys: ' + ', '.join(Topics.__dataclass_fields__) + ')')
+
+
 @dataclass
 class Frame:
     """One posed image.

@@ -108,14 +108,14 @@ def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stri
 
 
 def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
-                   progress: bool = False) -> list[bg.Sequence]:
+                   progress: bool = False, topics: bg.Topics = bg.Topics()) -> list[bg.Sequence]:
     """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input."""
     bg.check_label_fraction(label_fraction)
     paths = bg.bag_paths(bag_args)
     if not paths:
         raise ValueError(f'no bags found in {list(map(str, bag_args))}')
-    return [bg.read_sequence(p, seq=i, label_fraction=label_fraction, seed=seed, max_frames=max_frames,
-                             progress=progress) for i, p in enumerate(paths)]
+    return [bg.read_sequence(p, seq=i, topics=topics, label_fraction=label_fraction, seed=seed,
+                             max_frames=max_frames, progress=progress) for i, p in enumerate(paths)]
 
 
 def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:

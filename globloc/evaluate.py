@@ -44,6 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--method', choices=('align', 'pnp'), default='align',
                    help="'align': the model's pose; 'pnp': its scene coordinates through cv2.solvePnPRansac")
     p.add_argument('--max-frames', type=int, default=None, help='first N frames of each bag')
+    bg.add_topic_argument(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
 
 
@@ -61,9 +62,10 @@ def parse_split(split: str) -> int:
     raise ValueError(f"--split must be 'all' or 'every:K' with K >= 1, got {split!r}")
 
 
-def load_test_frames(bags, split: str = 'all', max_frames: int | None = None) -> list[bg.Frame]:
+def load_test_frames(bags, split: str = 'all', max_frames: int | None = None,
+                     topics: bg.Topics = bg.Topics()) -> list[bg.Frame]:
     every = parse_split(split)
-    seqs = [bg.read_sequence(p, seq=i, max_frames=max_frames, progress=False)
+    seqs = [bg.read_sequence(p, seq=i, topics=topics, max_frames=max_frames, progress=False)
             for i, p in enumerate(bg.bag_paths(bags))]
     return [f for s in seqs for f in s.frames if f.index % every == 0]
 
@@ -179,9 +181,10 @@ def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
 
 
 def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', method: str = 'align',
-             json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None) -> dict:
+             json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None,
+             topics: bg.Topics = bg.Topics()) -> dict:
     """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc)."""
-    frames = frames if frames is not None else load_test_frames(bags, split, max_frames)
+    frames = frames if frames is not None else load_test_frames(bags, split, max_frames, topics)
     if not frames:
         raise ValueError(f'no test frames in {bags} (split {split})')
     T_gt = np.stack([f.T_map_cam for f in frames])
@@ -325,7 +328,8 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.model).exists():
         raise FileNotFoundError(f'model file not found: {args.model}')
     r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,
-                 json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames)
+                 json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames,
+                 topics=bg.parse_topics(args.topic))
     print(format_summary(r))
     if args.json:
         print(f'wrote {args.json}')

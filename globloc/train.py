@@ -30,6 +30,7 @@ import torch
 from torch import distributed as dist
 from tqdm import tqdm
 
+from globloc import bags as bg
 from globloc import dataset as ds
 from globloc import losses as ls
 from globloc.baselines import build_net
@@ -86,6 +87,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--arch', choices=('globloc', 'posenet'), default='globloc',
                    help='globloc (this method) or posenet (direct-regression baseline on the same backbone)')
     p.add_argument('--max-frames', type=int, default=None, help='use only the first N frames of each bag')
+    bg.add_topic_argument(p)
     p.add_argument('--stop-after', type=int, default=None,
                    help='stop after N steps of this invocation, leaving the checkpoint (time-sliced jobs)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
@@ -122,7 +124,10 @@ def command_line(a: argparse.Namespace) -> str:
             continue
         if key in defaults and (key in RECIPE_KEYS or value != defaults[key]) and value is not None:
             flag = '--' + key.replace('_', '-')
-            parts += [flag] if value is True else [] if value is False else [flag, str(value)]
+            if isinstance(value, list):  # repeatable flags (--topic)
+                parts += [x for v in value for x in (flag, str(v))]
+            else:
+                parts += [flag] if value is True else [] if value is False else [flag, str(value)]
     return shlex.join(parts)
 
 
@@ -327,6 +332,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     device = torch.device('cuda', torch.cuda.current_device()) if a.device == 'cuda' else torch.device('cpu')
     input_size = ds.parse_size(a.input_size)
     sequences = ds.load_sequences(a.bags, a.label_fraction, seed=a.seed, max_frames=a.max_frames,
+                                  topics=bg.parse_topics(a.topic),
                                   progress=not a.quiet and rank == 0 and sys.stderr.isatty())
     data = ds.build_train_data(sequences, input_size, need_labels=a.arch == 'globloc')
     del sequences

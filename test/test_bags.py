@@ -442,3 +442,20 @@ def test_decode_depth_big_endian_millimetres():
     padded = Msg(encoding='32FC1', height=2, width=1, step=8, is_bigendian=0,
                  data=np.array([[2.5, 9.0], [np.inf, 9.0]], dtype='<f4').tobytes())
     np.testing.assert_array_equal(bags.decode_depth(padded, 'x'), np.array([[2.5], [np.nan]], np.float32))
+
+
+def test_renamed_topics_from_the_command_line(tiny_scene, tmp_path):
+    """A bag recorded with other topic names trains once --topic says which ones."""
+    from globloc import dataset
+
+    frames = bags.read_sequence(tiny_scene / 'seq_00', progress=False, max_frames=4).frames
+    bags.write_sequence(tmp_path / 'renamed', frames, topics=bags.Topics(pose='/slam/camera_pose'))
+    with pytest.raises(bags.BagError, match="'/globloc/gt_pose' not in bag"):
+        dataset.load_sequences([tmp_path / 'renamed'], 0.005)
+    topics = bags.parse_topics(['pose=/slam/camera_pose'])
+    seqs = dataset.load_sequences([tmp_path / 'renamed'], 0.005, topics=topics)
+    assert len(seqs[0].frames) == 4
+    np.testing.assert_allclose(seqs[0].frames[3].T_map_cam, frames[3].T_map_cam, atol=1e-12)
+    for bad in (['pose'], ['posse=/x'], ['pose=relative']):
+        with pytest.raises(ValueError, match='--topic'):
+            bags.parse_topics(bad)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from globloc_ros import runtime as rt
+from globloc_ros.frames import rotation_error_deg
 from globloc_ros.modelfile import load_model
 from globloc_ros.net import PoseGraph
 
@@ -129,13 +130,6 @@ def _example_inputs(config) -> tuple[torch.Tensor, torch.Tensor]:
     return image, K
 
 
-def rotation_difference_deg(Ra: np.ndarray, Rb: np.ndarray) -> np.ndarray:
-    """Angle (deg) between (..., 3, 3) rotations, accurate for tiny angles: ||Ra - Rb||_F = 2 sqrt(2) sin(a/2).
-    (The trace formula loses ~0.03 deg to rounding near zero with float32 rotations.)"""
-    d = np.linalg.norm(np.asarray(Ra, np.float64) - np.asarray(Rb, np.float64), axis=(-2, -1))
-    return np.degrees(2.0 * np.arcsin(np.clip(d / (2.0 * np.sqrt(2.0)), 0.0, 1.0)))
-
-
 def synthetic_check_frames(size: tuple[int, int], n: int = 2, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """n seeded textured images (H, W, 3) uint8 with a plausible K, for when no bag is given."""
     W, H = size
@@ -172,7 +166,7 @@ def compare_onnx_with_torch(onnx_path, net, frames) -> tuple[float, float]:
         with torch.no_grad():
             T_pt = graph(x, Kt)[0].numpy()
         dts.append(np.abs(T_ort[:, :3, 3] - T_pt[:, :3, 3]).max())
-        drs.append(rotation_difference_deg(T_ort[:, :3, :3], T_pt[:, :3, :3]).max())
+        drs.append(rotation_error_deg(T_ort[:, :3, :3], T_pt[:, :3, :3]).max())
     return float(max(dts)), float(max(drs))
 
 
@@ -242,7 +236,7 @@ def export_torchscript(model_path, out, dynamic_batch: bool = False, check_frame
         with torch.no_grad():
             a, b = traced(x, Kt)[0].numpy(), graph(x, Kt)[0].numpy()
         dts.append(np.abs(a[:, :3, 3] - b[:, :3, 3]).max())
-        drs.append(rotation_difference_deg(a[:, :3, :3], b[:, :3, :3]).max())
+        drs.append(rotation_error_deg(a[:, :3, :3], b[:, :3, :3]).max())
     buf = io.BytesIO()
     torch.jit.save(traced, buf, _extra_files={'globloc.json': json.dumps(meta)})
     _atomic_write_bytes(buf.getvalue(), out)

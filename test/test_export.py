@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from globloc import export as ex
 from globloc.cli import main as cli_main
 from globloc_ros import runtime as rt
+from globloc_ros.frames import rotation_error_deg
 from globloc_ros.modelfile import load_model, save_model
 from globloc_ros.net import GlobLocNet, NetConfig, PoseGraph
 
@@ -80,7 +81,7 @@ def test_dynamic_batch_runs_a_batch_like_single_frames(model_file, bag_frames, t
     with torch.no_grad():
         ref = graph(torch.cat(xs), torch.cat(Ks))[0].numpy()
     assert np.abs(T[:, :3, 3] - ref[:, :3, 3]).max() < 1e-4
-    assert ex.rotation_difference_deg(T[:, :3, :3], ref[:, :3, :3]).max() < 1e-3
+    assert rotation_error_deg(T[:, :3, :3], ref[:, :3, :3]).max() < 1e-3
 
 
 class _Fn(torch.nn.Module):
@@ -187,4 +188,4 @@ def test_tensorrt_engine_builds_and_matches_onnxruntime(onnx_file, model_file, b
     for image, K in bag_frames:
         a, b = trt_lz.localize(image, K), ort_lz.localize(image, K)
         assert np.abs(a.T_map_cam[:3, 3] - b.T_map_cam[:3, 3]).max() < tol_t
-        assert ex.rotation_difference_deg(a.T_map_cam[:3, :3], b.T_map_cam[:3, :3]) < tol_r
+        assert rotation_error_deg(a.T_map_cam[:3, :3], b.T_map_cam[:3, :3]) < tol_r

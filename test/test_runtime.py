@@ -9,6 +9,7 @@ import torch
 
 from globloc import export as ex
 from globloc_ros import runtime as rt
+from globloc_ros.frames import rotation_error_deg
 from globloc_ros.modelfile import load_model, save_model
 from globloc_ros.net import GlobLocNet, NetConfig, PoseGraph
 
@@ -77,7 +78,7 @@ def test_torch_and_onnxruntime_give_the_same_pose(ort_localizer, torch_localizer
         a, b = ort_localizer.localize(image, K), torch_localizer.localize(image, K)
         assert a.T_map_cam.dtype == np.float64 and a.T_map_cam.shape == (4, 4)
         assert np.abs(a.T_map_cam[:3, 3] - b.T_map_cam[:3, 3]).max() < 1e-4
-        assert ex.rotation_difference_deg(a.T_map_cam[:3, :3], b.T_map_cam[:3, :3]) < 1e-3
+        assert rotation_error_deg(a.T_map_cam[:3, :3], b.T_map_cam[:3, :3]) < 1e-3
         assert a.residual == pytest.approx(b.residual, abs=1e-5)
         assert a.n_eff == pytest.approx(b.n_eff, rel=1e-4) and a.spread == pytest.approx(b.spread, abs=1e-5)
         assert (a.confident, a.reason) == (b.confident, b.reason)
@@ -301,7 +302,7 @@ def test_torch_cuda_graph_matches_cpu(model_file, frames, torch_localizer):
         a, b = fp32.localize(image, K), fp32.localize(image, K)  # replayed twice: same buffers, same answer
         assert np.array_equal(a.T_map_cam, b.T_map_cam)
         assert np.abs(a.T_map_cam[:3, 3] - ref.T_map_cam[:3, 3]).max() < 1e-3
-        assert ex.rotation_difference_deg(a.T_map_cam[:3, :3], ref.T_map_cam[:3, :3]) < 0.05
+        assert rotation_error_deg(a.T_map_cam[:3, :3], ref.T_map_cam[:3, :3]) < 0.05
         h = fp16.localize(image, K)
         assert np.all(np.isfinite(h.T_map_cam)) and abs(h.residual - ref.residual) < 0.01
         assert set(h.timings_ms) == {'preprocess', 'network', 'total'}

@@ -301,12 +301,18 @@ def test_real_landmarks_project_onto_their_pixels(real_bags, size):
     assert np.median(np.concatenate(errs)) < (2.0 if size is None else 1.0)
 
 
-def test_truncated_real_bag_keeps_what_it_can(real_bags, tmp_path):
-    dst = tmp_path / 'sun3d_frag1'
-    shutil.copytree(real_bags / 'sun3d_frag1', dst)
-    mcap = dst / 'sun3d_frag1.mcap'
+def _cut_in_half(bag: Path, dst: Path, name: str) -> tuple[Path, bytes]:
+    """Copy the bag folder to dst and cut its storage file `name` in half; returns (file, original bytes)."""
+    shutil.copytree(bag, dst)
+    mcap = dst / name
     data = mcap.read_bytes()
     mcap.write_bytes(data[:len(data) // 2])
+    return mcap, data
+
+
+def test_truncated_real_bag_keeps_what_it_can(real_bags, tmp_path):
+    dst = tmp_path / 'sun3d_frag1'
+    _cut_in_half(real_bags / 'sun3d_frag1', dst, 'sun3d_frag1.mcap')
     with pytest.warns(UserWarning, match='sun3d_frag1.mcap'):
         seq = bags.read_sequence(dst, progress=False)
     assert seq.report.truncated and 5 < len(seq.frames) < 50
@@ -342,10 +348,7 @@ def test_folder_without_bag(tmp_path):
 
 def test_truncated_synthetic_bag(tiny_scene, tmp_path):
     dst = tmp_path / 'cut'
-    shutil.copytree(seq0(tiny_scene), dst)
-    mcap = dst / 'seq_00.mcap'
-    data = mcap.read_bytes()
-    mcap.write_bytes(data[:len(data) // 2])
+    mcap, data = _cut_in_half(seq0(tiny_scene), dst, 'seq_00.mcap')
     with pytest.warns(UserWarning, match='ends early'):
         seq = bags.read_sequence(dst, progress=False)
     assert seq.report.truncated and 0 < len(seq.frames) < 24

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from globloc.dataset import parse_size
 from globloc_ros import frames as fr
 from globloc_ros import runtime as rt
 from globloc_ros.align import align_weighted
@@ -38,16 +39,6 @@ DEFAULT_BAG = REPO.parent / 'shared' / 'data' / 'bags' / 'sun3d_frag1'
 FPS_TARGET = 30.0
 SPEEDUP_TARGET = 20.0
 ORACLE_NOISE_M = 0.02  # Gaussian noise (m) added to ground-truth correspondences, camera and map side
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        w, h = (int(v) for v in text.strip().lower().split('x'))
-    except ValueError:
-        raise ValueError(f'--sizes: each size must be WxH, got {text!r}') from None
-    if w % 8 or h % 8 or w <= 0 or h <= 0:
-        raise ValueError(f'--sizes: {text} must be positive multiples of 8 (the network stride)')
-    return w, h
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -315,7 +306,7 @@ def _fmt(d: dict | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    sizes = [_size(s) for s in args.sizes.split(',') if s.strip()]
+    sizes = [parse_size(s) for s in args.sizes.split(',') if s.strip()]
     if args.iters < 1 or args.threads < 1:
         raise ValueError('--iters and --threads must be >= 1')
     torch.set_num_threads(args.threads)

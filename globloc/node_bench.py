@@ -114,12 +114,13 @@ def node_figures(model: Path, bag: Path, args, tmp: Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from globloc import bags, bench
+    from globloc.dataset import parse_size
     from globloc_ros import frames as fr
     from globloc_ros import runtime as rt
     from globloc_ros.modelfile import load_model, save_model
     from globloc_ros.net import GlobLocNet, NetConfig
 
-    sizes = [bench._size(s) for s in args.sizes.split(',')]
+    sizes = [parse_size(s) for s in args.sizes.split(',')]
     model = Path(args.model) if args.model else bench.newest_model(Path(bench.REPO / 'models'))
     if model is not None:
         net, _ = load_model(model)

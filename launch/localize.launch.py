@@ -6,7 +6,7 @@
 
 Parameters come from params_file (default: this package's config/localizer.yaml); the arguments
 below override it only when given (empty means: keep the params file's value). The whole launch
-stops when the localizer exits, so a bad model or parameter ends `ros2 launch` with its message.
+stops when the localizer exits; a bad model or parameter ends `ros2 launch` with its message and exit code 1.
 """
 from pathlib import Path
 
@@ -36,14 +36,21 @@ ARGUMENTS = (
 OVERRIDES = ('model', 'image_topic', 'camera_info_topic', 'backend', 'publish_tf')
 
 
+def _on_localizer_exit(event, _context):
+    """Stop the launch with the localizer. An exception is how launch fails `ros2 launch` (exit code 1), so a
+    localizer that failed (bad model or parameter: exit code 2) fails the launch too."""
+    if event.returncode:
+        raise RuntimeError(f'the localizer exited with code {event.returncode} (its message is above)')
+    return [EmitEvent(event=Shutdown(reason='the localizer exited'))]
+
+
 def _actions(context):
     arg = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
     overrides = {name: arg[name] for name in OVERRIDES if arg[name]}
     localizer = Node(package='globloc_ros', executable='localizer', name='globloc', namespace=arg['namespace'],
                      parameters=[arg['params_file'], overrides], output='screen', emulate_tty=True)
     actions = [localizer,
-               RegisterEventHandler(OnProcessExit(target_action=localizer, on_exit=[
-                   EmitEvent(event=Shutdown(reason='the localizer exited'))]))]
+               RegisterEventHandler(OnProcessExit(target_action=localizer, on_exit=_on_localizer_exit))]
     if arg['use_rviz'].lower() in ('true', '1', 'yes'):
         actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
                             arguments=['-d', str(SHARE / 'config' / 'globloc.rviz')]))

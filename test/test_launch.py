@@ -108,6 +108,7 @@ def test_ros2_launch_with_a_missing_model_stops_with_the_reason(prefix, tmp_path
     out = run.stdout + run.stderr
     assert f"parameter 'model': file not found: {tmp_path / 'missing.pt'}" in out
     assert 'exit code 2' in out  # the node failed, and the launch shut down instead of hanging
+    assert run.returncode == 1, out  # and `ros2 launch` says so to scripts
 
 
 def _stop(proc: subprocess.Popen) -> int:

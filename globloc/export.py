@@ -45,14 +45,14 @@ TOL_T_M = 1e-4
 TOL_R_DEG = 1e-3
 
 # ONNX ops seen in our PoseGraph exports (fixed and dynamic batch, both exporters) that TensorRT's ONNX parser
-# supports (onnx-tensorrt docs/operators.md; IsInf needs TensorRT >= 8.6). Anything else is refused, in
-# particular the decompositions (Svd, Eig, Inverse, Det) and control flow (If, Loop, Scan) whose trip counts
-# or branches depend on data.
+# supports (onnx-tensorrt docs/operators.md; IsInf needs TensorRT >= 8.6; GroupNorm exports as Reshape +
+# InstanceNormalization). Anything else is refused, in particular the decompositions (Svd, Eig, Inverse, Det)
+# and control flow (If, Loop, Scan) whose trip counts or branches depend on data.
 TENSORRT_OPS = frozenset({
     'Add', 'And', 'ArgMax', 'Cast', 'Clip', 'Concat', 'Constant', 'ConstantOfShape', 'Conv', 'Div', 'Equal',
-    'Expand', 'Flatten', 'Gather', 'Greater', 'Identity', 'IsInf', 'IsNaN', 'MatMul', 'Mul', 'Neg', 'Not',
-    'Or', 'Pow', 'Range', 'Reciprocal', 'ReduceMin', 'ReduceSum', 'Relu', 'Reshape', 'Shape', 'Slice',
-    'Softmax', 'Softplus', 'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze', 'Where',
+    'Expand', 'Flatten', 'Gather', 'Greater', 'Identity', 'InstanceNormalization', 'IsInf', 'IsNaN', 'MatMul',
+    'Mul', 'Neg', 'Not', 'Or', 'Pow', 'Range', 'Reciprocal', 'ReduceMin', 'ReduceSum', 'Relu', 'Reshape', 'Shape',
+    'Slice', 'Softmax', 'Softplus', 'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze', 'Where',
 })
 # ONNX node-name scopes of the CNN (TorchScript exporter): in an fp16 engine only these run in fp16.
 NETWORK_SCOPES = ('/net/backbone/', '/net/trunk/', '/net/scene_head/', '/net/depth_head/', '/net/weight_head/')

@@ -43,7 +43,8 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 # Arguments that define the run's trajectory: a checkpoint may only be resumed with the same values.
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
-               'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift')
+               'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
+               'widths', 'dilations', 'norm')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -75,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='geometric augmentation: in-plane rotation up to +-deg, pose adjusted (0 = off; default 5)')
     p.add_argument('--aug-shift', type=float, default=0.0,
                    help='geometric augmentation: shift image and principal point by up to this fraction of the size')
+    p.add_argument('--widths', default='32,64,96', help='backbone widths at stride 2, 4, 8 (default 32,64,96)')
+    p.add_argument('--dilations', default='1,2,4',
+                   help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')
+    p.add_argument('--norm', choices=('none', 'group'), default='group',
+                   help='backbone normalisation: GroupNorm (default) or none')
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
@@ -168,8 +174,21 @@ def recipe(a: argparse.Namespace) -> dict:
     return d
 
 
+def int_list(text: str, n: int | None, flag: str) -> tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); positive integers, exactly n of them unless n is None."""
+    try:
+        values = tuple(int(x) for x in str(text).split(','))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or (n is not None and len(values) != n):
+        raise ValueError(f'{flag} must be {n or "one or more"} comma-separated positive integers, got {text!r}')
+    return values
+
+
 def validate(a: argparse.Namespace) -> None:
     """Checks that need no data; raise before anything is read or written."""
+    int_list(a.widths, 3, '--widths')
+    int_list(a.dilations, None, '--dilations')
     if not (isinstance(a.label_fraction, (int, float)) and 0.0 < a.label_fraction <= 1.0):
         raise ValueError(f'--label-fraction must be in (0, 1], got {a.label_fraction}')
     ds.parse_size(a.input_size)
@@ -252,7 +271,7 @@ def _save_checkpoint(path: Path, net, opt, step: int, a, config: NetConfig, samp
 def init_weights(net: torch.nn.Module) -> None:
     """Variance-preserving (He, fan-in) initialisation of every conv/linear layer feeding a ReLU.
 
-    The network has no normalisation layers, and PyTorch's default init shrinks the signal at each layer, so the
+    Without normalisation layers (--norm none), PyTorch's default init shrinks the signal at each layer, so the
     heads start nearly blind to the image and L_sc / L_depth sit on a plateau for hundreds of steps. Residual
     branches start at half scale (the sum then grows the variance by 1.25 per block, not 2); the output heads
     (scene, depth, weights, pose) at a tenth, so the first predictions stay near the scene centre / median depth.
@@ -337,8 +356,9 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     data = ds.build_train_data(sequences, input_size, need_labels=a.arch == 'globloc')
     del sequences
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
-    norm = ds.scene_normalisation(data)
-    config = NetConfig(input_size=input_size, **norm)
+    config = NetConfig(input_size=input_size, widths=int_list(a.widths, 3, '--widths'),
+                       dilations=int_list(a.dilations, None, '--dilations'), norm=a.norm,
+                       **ds.scene_normalisation(data))
     tau = a.sc_clamp if a.sc_clamp is not None else 0.1 * config.scene_scale
 
     torch.manual_seed(a.seed)  # identical initial weights on every rank and in every resumed run

@@ -7,8 +7,9 @@ Per cell of a stride-8 map the network predicts
 cam_coords = depth * K^-1 [u, v, 1] at the cell centres (frames.cell_centres), and align_weighted
 turns (cam_coords, scene_coords, weights) into T_map_cam.
 
-The backbone is a plain conv stack (no normalisation layers: per-sample behaviour keeps
-single-process and distributed training identical and nothing is left to fold at export).
+The backbone is a small conv stack: three stride-2 convs, then residual blocks at stride 8 (dilations from the
+config). Normalisation is per sample (GroupNorm, or none in older model files), so single-process and
+distributed training stay identical and the exported graph has no batch statistics.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ class NetConfig:
     stride: int = 8
     widths: tuple[int, int, int] = (32, 64, 96)  # stride 2, 4, 8 stages
     head_width: int = 128
+    dilations: tuple[int, ...] = (1, 2, 4)  # one residual block per entry, at stride 8
+    norm: str = 'none'  # 'none' or 'group' (GroupNorm, 8 groups); files without the key are 'none'
     mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, on 0..255
     std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     scene_centre: tuple[float, float, float] = (0.0, 0.0, 0.0)  # c, map frame, metres
@@ -45,7 +48,9 @@ class NetConfig:
     @classmethod
     def from_dict(cls, d: dict) -> 'NetConfig':
         d = dict(d)
-        for key in ('input_size', 'widths', 'mean', 'std', 'scene_centre'):
+        for key in ('input_size', 'widths', 'dilations', 'mean', 'std', 'scene_centre'):
+            if key not in d:  # files written before the key existed use the default
+                continue
             d[key] = tuple(d[key])
         return cls(**d)
 
@@ -60,20 +65,28 @@ class Prediction(NamedTuple):
     pose: Alignment
 
 
-def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation),
-                         nn.ReLU(inplace=True))
+def _norm(kind: str, width: int) -> nn.Module:
+    if kind == 'none':
+        return nn.Identity()
+    if kind == 'group':
+        return nn.GroupNorm(8, width)
+    raise ValueError(f"norm must be 'none' or 'group', got {kind!r}")
+
+
+def _conv(cin: int, cout: int, stride: int = 1, norm: str = 'none') -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, padding=1), _norm(norm, cout), nn.ReLU(inplace=True))
 
 
 class _Residual(nn.Module):
-    def __init__(self, width: int, dilation: int):
+    def __init__(self, width: int, dilation: int, norm: str = 'none'):
         super().__init__()
         self.conv = nn.Conv2d(width, width, 3, padding=dilation, dilation=dilation)
+        self.norm = _norm(norm, width)
         nn.init.zeros_(self.conv.bias)
         self.conv.weight.data.mul_(0.5)  # keeps the residual sum's scale at init
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(x + self.conv(x))
+        return F.relu(x + self.norm(self.conv(x)))
 
 
 class GlobLocNet(nn.Module):
@@ -84,8 +97,8 @@ class GlobLocNet(nn.Module):
             raise ValueError(f'only stride 8 is implemented, config says {cfg.stride}')
         w2, w4, w8 = cfg.widths
         self.backbone = nn.Sequential(
-            _conv(3, w2, 2), _conv(w2, w4, 2), _conv(w4, w8, 2),
-            _Residual(w8, 1), _Residual(w8, 2), _Residual(w8, 4))
+            _conv(3, w2, 2, cfg.norm), _conv(w2, w4, 2, cfg.norm), _conv(w4, w8, 2, cfg.norm),
+            *(_Residual(w8, d, cfg.norm) for d in cfg.dilations))
         self.trunk = nn.Sequential(nn.Conv2d(w8, cfg.head_width, 1), nn.ReLU(inplace=True))
         self.scene_head = nn.Conv2d(cfg.head_width, 3, 1)
         self.depth_head = nn.Conv2d(cfg.head_width, 1, 1)

@@ -30,13 +30,33 @@ def test_gradients_reach_all_three_heads():
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
-def test_model_file_round_trip(tmp_path):
-    net = GlobLocNet(NetConfig(input_size=(64, 48), scene_scale=2.5))
+@pytest.mark.parametrize('norm, dilations', [('none', (1, 2, 4)), ('group', (1, 2))])
+def test_model_file_round_trip(tmp_path, norm, dilations):
+    net = GlobLocNet(NetConfig(input_size=(64, 48), scene_scale=2.5, norm=norm, dilations=dilations))
     save_model(net, tmp_path / 'm.pt', meta={'steps': 3})
     net2, meta = load_model(tmp_path / 'm.pt')
     assert meta == {'steps': 3} and net2.config == net.config
     x = torch.rand(1, 3, 48, 64) * 255
     assert torch.equal(net(x, _K(64, 48)).scene_coords, net2(x, _K(64, 48)).scene_coords)
+
+
+def test_group_norm_is_per_sample():
+    """A frame's output must not depend on the other frames of its batch (as batch statistics would make it)."""
+    net = GlobLocNet(NetConfig(input_size=(64, 48), norm='group')).eval()
+    x = torch.rand(3, 3, 48, 64) * 255
+    alone = net(x[:1], _K(64, 48)).scene_coords
+    assert torch.allclose(net(x, _K(64, 48).expand(3, 3, 3)).scene_coords[:1], alone, atol=1e-5)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+
+
+def test_config_of_an_older_model_file_means_no_norm():
+    """Model files written before `norm` and `dilations` existed hold plain stacks with dilations 1, 2, 4."""
+    d = NetConfig(input_size=(64, 48)).to_dict()
+    del d['norm'], d['dilations']
+    cfg = NetConfig.from_dict(d)
+    assert cfg.norm == 'none' and cfg.dilations == (1, 2, 4)
+    net = GlobLocNet(cfg)
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
 
 
 def test_model_file_errors(tmp_path):

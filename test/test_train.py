@@ -97,15 +97,16 @@ def test_sampler_is_a_pure_function_of_seed_and_step(tiny_scene):
 
 
 def test_short_run_loss_decreases(tiny_scene, tmp_path):
-    out = train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=40, ramp='0:0', lr=3e-3, **FAST)
+    out = train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=60, ramp='0:0', lr=3e-3, **FAST)
     d = torch.load(out, weights_only=True)
     hist = np.array(d['meta']['loss_history'])  # rows: step, L_sc, L_depth, L_pose, L_adj, L_dist, total
     assert hist.shape[0] >= 30
     first, last = hist[:5, 1:].mean(0), hist[-5:, 1:].mean(0)
-    assert last[-1] < 0.8 * first[-1], (first, last)
-    assert last[2] < 0.8 * first[2] and last[1] < first[1]  # L_pose and L_depth
+    # In 60 steps L_depth and L_pose fall first; L_sc (sparse labels, robust loss) only later.
+    assert last[-1] < 0.9 * first[-1], (first, last)
+    assert last[1] < 0.8 * first[1] and last[2] < 0.85 * first[2], (first, last)  # L_depth and L_pose
     meta = d['meta']
-    assert meta['command'].startswith('globloc train --bags') and meta['steps'] == 40
+    assert meta['command'].startswith('globloc train --bags') and meta['steps'] == 60
     assert meta['edge_counts']['adjacent'] > 0 and meta['edge_counts']['distant'] > 0
     assert meta['data']['label_fraction'] == 0.005 and set(meta['final_losses']) >= {'L_sc', 'L_adj', 'L_dist'}
     assert tuple(d['config']['input_size']) == (64, 48) and d['config']['scene_scale'] > 0.5
@@ -160,6 +161,15 @@ def _initial(scene: Path, tmp_path: Path) -> dict:
 def test_label_fraction_outside_range(tiny_scene, tmp_path, fraction):
     with pytest.raises(ValueError, match=r'label-fraction must be in \(0, 1\]'):
         train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', label_fraction=fraction, steps=1, **FAST)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize('kw, match', [({'widths': '32,64'}, '--widths must be 3 comma-separated'),
+                                       ({'dilations': '1,two'}, '--dilations must be one or more'),
+                                       ({'dilations': '0'}, '--dilations must be one or more')])
+def test_bad_architecture_flags(tiny_scene, tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=1, **FAST, **kw)
     assert not any(tmp_path.iterdir())
 
 

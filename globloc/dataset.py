@@ -7,8 +7,11 @@ the paper's "< 1 % labelled pixels"), then resized once to the network input siz
 - depth sampled at the stride-s cell centres (bilinear over the four nearest recorded pixels, invalid when any of
   them is invalid or they straddle a depth edge), which is exactly what the depth head predicts.
 
-Sampling is a pure function of (seed, step): `TupleSampler.tuples(step, batch)` and `jitter_params(seed, step, n)`
-draw from np.random.default_rng([seed, step, ...]). That makes resuming exact and lets each distributed rank take its
+Augmentation keeps the geometry exact: photometric jitter; zoom and in-plane rotation (`warp_batch`, K and pose
+adjusted); novel views (`view_warp_batch`: the frame re-rendered from its depth for a moved camera).
+
+Sampling is a pure function of (seed, step): `TupleSampler.tuples(step, batch)` and the `*_params(seed, step, n)`
+functions draw from np.random.default_rng([seed, step, ...]). That makes resuming exact and lets each distributed rank take its
 slice of the same global batch.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+import roma
 import torch
 from torch.nn import functional as F
 
@@ -360,3 +364,101 @@ def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torc
     out['T'] = batch['T'] @ Rz4.transpose(1, 2)
     out['K'] = K2
     return out, Rz4
+
+
+VIEW_MIN_DEPTH_FRACTION = 0.5  # frames with less valid depth than this are not moved (the warp needs depth)
+VISIBLE_DEPTH_RATIO = 0.05  # a point is seen from the new camera when its depth matches the new depth map within 5 %
+
+
+def view_params(seed: int, step: int, n: int, max_translate: float, max_turn_deg: float) -> np.ndarray:
+    """(n, 6) per image: a translation (camera frame, uniform in a ball of radius max_translate, in units of the
+    frame's median depth) and a pan/tilt rotation vector (rad, about x and y, each uniform in +-max_turn_deg).
+    Zeros (the identity) when both maxima are 0."""
+    rng = np.random.default_rng([int(seed), int(step), 4])
+    p = np.zeros((n, 6), np.float64)
+    direction = rng.normal(size=(n, 3))
+    direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+    p[:, :3] = direction * (rng.uniform(0, 1, (n, 1)) ** (1 / 3)) * max_translate
+    p[:, 3:5] = np.radians(rng.uniform(-1, 1, (n, 2)) * max_turn_deg)
+    return p
+
+
+def cells_from_pixels(depth_full: torch.Tensor, stride: int) -> torch.Tensor:
+    """depth_full (B, H, W) metres, NaN invalid -> (B, h, w) at the stride-s cell centres: the mean of the four
+    pixels around each centre (s j + (s-1)/2 lies between pixels s j + s/2 - 1 and s j + s/2), NaN if any is
+    invalid."""
+    c = stride // 2 - 1
+    quad = torch.stack([depth_full[:, c + a::stride, c + b::stride] for a in (0, 1) for b in (0, 1)])
+    return quad.mean(0)  # a NaN among the four makes the mean NaN
+
+
+def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torch.Tensor]:
+    """Novel-view augmentation: each frame re-rendered from a virtual camera c' moved by (t, R) from its own,
+    using its depth, so the network sees the place from positions the recording never visited.
+
+    X_c' = R X_c + t with t = params[:, :3] times the frame's median depth and R = exp(params[:, 3:]);
+    T_map_c' = T_map_c T_c'_c^-1, K unchanged. The depth map is forward-projected into c' with a z-buffer (one-pixel
+    cracks closed by the nearest neighbour's depth); each new pixel then takes the colour where its ray meets the
+    old image, if the old depth there agrees (otherwise it was hidden: black, no depth). Labels are moved with
+    the camera and dropped where the new view does not see them. Frames with too little depth stay unchanged.
+    Returns the new batch and T_c'_c (B, 4, 4), which the caller applies to relative poses:
+    T_a'_p' = T_a'_a T_a_p T_p'_p^-1.
+    """
+    images, K, d = batch['images'], batch['K'], batch['depth_full']
+    B, _, H, W = images.shape
+    dt = K.dtype
+    valid = torch.isfinite(d) & (d > 0)
+    moved = valid.flatten(1).float().mean(1) >= VIEW_MIN_DEPTH_FRACTION
+    median = torch.nanmedian(torch.where(valid, d, torch.nan).flatten(1), 1).values
+    p = torch.as_tensor(params, dtype=dt, device=K.device) * moved[:, None].to(dt)
+    N = torch.eye(4, dtype=dt, device=K.device).repeat(B, 1, 1)
+    N[:, :3, :3] = roma.rotvec_to_rotmat(p[:, 3:])
+    N[:, :3, 3] = p[:, :3] * torch.nan_to_num(median)[:, None]
+    R, t = N[:, :3, :3], N[:, :3, 3]
+    # Points as (B, 3, N) columns: a 3x3 times 3xN product is one fast bmm, (N, 3) @ (3, 3) is not.
+    pix = fr.cell_centres(H, W, 1, device=K.device, dtype=dt).T
+    rays = torch.linalg.inv(K) @ torch.cat([pix, torch.ones_like(pix[:1])])  # (B, 3, HW), z = 1
+
+    def project(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, N) camera frame -> pixels (B, 2, N) and depth (B, N)."""
+        z = X[:, 2]
+        return (K @ X)[:, :2] / z.clamp(min=1e-6)[:, None], z
+
+    # Forward: z-buffer of the old points seen from c'.
+    uv, z = project(R @ (rays * torch.nan_to_num(d).view(B, 1, -1)) + t[..., None])
+    iu, iv = uv[:, 0].round().long(), uv[:, 1].round().long()
+    hit = valid.view(B, -1) & (z > 1e-6) & (iu >= 0) & (iu < W) & (iv >= 0) & (iv < H)
+    flat = (torch.arange(B, device=K.device)[:, None] * H * W + iv * W + iu)[hit]
+    zbuf = torch.full((B * H * W,), float('inf'), dtype=dt, device=K.device)
+    zbuf.scatter_reduce_(0, flat, z[hit], reduce='amin')
+    zbuf = zbuf.view(B, 1, H, W)
+    nearest = -F.max_pool2d(-torch.where(torch.isinf(zbuf), torch.full_like(zbuf, 1e9), zbuf), 3, 1, 1)
+    z_new = torch.where(torch.isinf(zbuf), nearest, zbuf).view(B, -1)
+    # Backward: where each new pixel's ray meets the old image.
+    uv_old, z_old = project(R.transpose(1, 2) @ (rays * z_new[:, None] - t[..., None]))
+    grid = torch.stack([2 * uv_old[:, 0] / (W - 1) - 1, 2 * uv_old[:, 1] / (H - 1) - 1], -1)[:, :, None]
+    colour = F.grid_sample(images.to(dt), grid, mode='bilinear', padding_mode='zeros', align_corners=True)[..., 0]
+    d_old = F.grid_sample(torch.nan_to_num(d, nan=0.0)[:, None], grid, mode='nearest', padding_mode='zeros',
+                          align_corners=True)[:, 0, :, 0]
+    seen = (z_new < 1e8) & ((d_old - z_old).abs() <= VISIBLE_DEPTH_RATIO * z_old)
+    keep = moved[:, None]
+    seen = torch.where(keep, seen, valid.view(B, -1))
+    out = dict(batch)
+    out['images'] = torch.where(keep[:, :, None, None], (colour * seen[:, None]).view(B, 3, H, W), images.to(dt))
+    depth_full = torch.where(keep, torch.where(seen, z_new, torch.nan), d.view(B, -1)).view(B, H, W)
+    out['depth_full'] = depth_full
+    out['depth'] = cells_from_pixels(depth_full, stride)
+    # Labels: project the map points into c' and keep those the new depth map sees.
+    T = batch['T'] @ torch.linalg.inv(N)
+    lab = batch['labels'].clone()
+    uv_l, z_l = project(T[:, :3, :3].transpose(1, 2) @ (lab[..., :3] - T[:, None, :3, 3]).transpose(1, 2))
+    uv_l = uv_l.transpose(1, 2)  # (B, M, 2)
+    iu, iv = uv_l[..., 0].round().long().clamp(0, W - 1), uv_l[..., 1].round().long().clamp(0, H - 1)
+    z_seen = depth_full.view(B, -1).gather(1, iv * W + iu)
+    ok = ((z_l > 1e-6) & (uv_l[..., 0] > -0.5) & (uv_l[..., 0] < W - 0.5) & (uv_l[..., 1] > -0.5)
+          & (uv_l[..., 1] < H - 0.5) & ((z_seen - z_l).abs() <= VISIBLE_DEPTH_RATIO * z_l))
+    lab[..., 3:5] = torch.where(keep[..., None], uv_l, lab[..., 3:5])
+    out['labels'] = lab
+    out['label_mask'] = batch['label_mask'] & torch.where(keep, ok, torch.ones_like(ok))
+    out['T'] = T
+    return out, N

@@ -10,7 +10,7 @@ kinds act in every step, and minimises per tuple
 `--ramp` (fractions of the run) once the scene coordinates have settled: before that the aligned poses are noise and
 their gradients only disturb the heads. The pose comes from align_weighted(..., 'horn'), as at run time.
 
-Reproducibility: the tuples and the photometric jitter of step k are pure functions of (seed, k), and the learning
+Reproducibility: the tuples and the augmentation of step k are pure functions of (seed, k), and the learning
 rate is a pure function of k, so `--resume` from a checkpoint reaches the same weights as an uninterrupted run, and
 N distributed ranks, each taking its slice of the same global batch, reach those of one process.
 """
@@ -44,7 +44,7 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
-               'widths', 'dilations', 'norm')
+               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='model file to write (a checkpoint OUT.ckpt is kept beside it)')
     p.add_argument('--label-fraction', type=float, default=0.005,
                    help='fraction of the recorded image pixels with a 3D label, in (0, 1] (default 0.005)')
-    p.add_argument('--steps', type=int, default=3000, help='optimiser steps (default 3000)')
+    p.add_argument('--steps', type=int, default=6000, help='optimiser steps (default 6000)')
     p.add_argument('--batch', type=int, default=8, help='tuples per step, 3 images each (default 8)')
     p.add_argument('--lr', type=float, default=4e-3, help='peak learning rate of AdamW (default 4e-3)')
     p.add_argument('--weight-decay', type=float, default=1e-4)
@@ -76,6 +76,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='geometric augmentation: in-plane rotation up to +-deg, pose adjusted (0 = off; default 5)')
     p.add_argument('--aug-shift', type=float, default=0.0,
                    help='geometric augmentation: shift image and principal point by up to this fraction of the size')
+    p.add_argument('--aug-translate', type=float, default=0.1,
+                   help='novel-view augmentation: move the camera up to this fraction of the median depth and '
+                        're-render the frame from its depth (0 = off; default 0.1)')
+    p.add_argument('--aug-turn', type=float, default=5.0,
+                   help='novel-view augmentation: pan and tilt the camera up to +-DEG (needs depth; 0 = off, '
+                        'default 5)')
     p.add_argument('--widths', default='32,64,96', help='backbone widths at stride 2, 4, 8 (default 32,64,96)')
     p.add_argument('--dilations', default='1,2,4',
                    help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')
@@ -201,6 +207,9 @@ def validate(a: argparse.Namespace) -> None:
     if a.aug_scale < 1 or not 0 <= a.aug_rotate < 90 or not 0 <= a.aug_shift < 1:
         raise ValueError(f'--aug-scale must be >= 1, --aug-rotate in [0, 90) deg and --aug-shift in [0, 1) '
                          f'(got {a.aug_scale}, {a.aug_rotate}, {a.aug_shift})')
+    if not 0 <= a.aug_translate < 1 or not 0 <= a.aug_turn < 45:
+        raise ValueError(f'--aug-translate must be in [0, 1) (a fraction of the median depth) and --aug-turn in '
+                         f'[0, 45) deg (got {a.aug_translate}, {a.aug_turn})')
     out, ckpt = Path(a.out), checkpoint_path(a.out)
     if out.is_dir():
         raise ValueError(f'--out {out} is a folder; give a model file path')
@@ -295,15 +304,17 @@ def _kept(ckpt: Path, last_step: int | None) -> str:
 
 
 def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step: int, stride: int,
-                tau: float, jitter: np.ndarray, warp: np.ndarray | None = None) -> tuple[torch.Tensor, dict]:
+                tau: float, jitter: np.ndarray, warp: np.ndarray | None = None,
+                view: np.ndarray | None = None) -> tuple[torch.Tensor, dict]:
     """Loss of one (slice of a) batch. batch: tensors of 3 B frames in tuple order (anchor, adjacent, distant);
-    rel (B, 2, 4, 4) measured T_anchor_partner; jitter (3 B, 5) and warp (3 B, 4) augmentation parameters.
-    Returns the total (scalar, mean over tuples) and the unweighted terms (batch means, detached)."""
+    rel (B, 2, 4, 4) measured T_anchor_partner; jitter (3 B, 5), warp (3 B, 4) and view (3 B, 6) augmentation
+    parameters. Returns the total (scalar, mean over tuples) and the unweighted terms (batch means, detached)."""
     B = rel.shape[0]
-    if warp is not None:
-        batch, Rz4 = ds.warp_batch(batch, warp, stride)
-        Rz4 = Rz4.view(B, 3, 4, 4)
-        rel = Rz4[:, :1] @ rel @ Rz4[:, 1:].transpose(-1, -2)  # T_a'_p' = Rz_a T_a_p Rz_p^T
+    for params, augment in ((view, ds.view_warp_batch), (warp, ds.warp_batch)):
+        if params is not None:
+            batch, N = augment(batch, params, stride)  # N = T_new_old per image
+            N = N.view(B, 3, 4, 4)
+            rel = N[:, :1] @ rel @ torch.linalg.inv(N[:, 1:])  # T_a'_p' = T_a'_a T_a_p T_p'_p^-1
     images = ds.apply_jitter(batch['images'], jitter)
     pred = net(images, batch['K'])
     R, t = pred.pose.R, pred.pose.t
@@ -393,13 +404,16 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
         jit = ds.jitter_params(a.seed, step, 3 * a.batch, a.jitter)
         warp = ds.warp_params(a.seed, step, 3 * a.batch, a.aug_scale, a.aug_rotate, a.aug_shift) \
             if (a.aug_scale > 1 or a.aug_rotate > 0 or a.aug_shift > 0) else None
+        view = ds.view_params(a.seed, step, 3 * a.batch, a.aug_translate, a.aug_turn) \
+            if (a.aug_translate > 0 or a.aug_turn > 0) else None
         sl = slice(rank * per_rank, (rank + 1) * per_rank)
         batch = ds.batch_tensors(data, idx[sl], device)
         rel_t = torch.as_tensor(rel[sl], dtype=torch.float32, device=device)
         for group in opt.param_groups:
             group['lr'] = lr_at(step, a)
         total, terms = step_losses(model, batch, rel_t, a, step, data.stride, tau, jit[3 * sl.start:3 * sl.stop],
-                                   None if warp is None else warp[3 * sl.start:3 * sl.stop])
+                                   None if warp is None else warp[3 * sl.start:3 * sl.stop],
+                                   None if view is None else view[3 * sl.start:3 * sl.stop])
         report = torch.cat([terms, total.detach()[None]])
         if world > 1:
             dist.all_reduce(report)

@@ -166,8 +166,9 @@ def test_label_fraction_outside_range(tiny_scene, tmp_path, fraction):
 
 @pytest.mark.parametrize('kw, match', [({'widths': '32,64'}, '--widths must be 3 comma-separated'),
                                        ({'dilations': '1,two'}, '--dilations must be one or more'),
-                                       ({'dilations': '0'}, '--dilations must be one or more')])
-def test_bad_architecture_flags(tiny_scene, tmp_path, kw, match):
+                                       ({'dilations': '0'}, '--dilations must be one or more'),
+                                       ({'aug_translate': 1.5}, '--aug-translate must be in')])
+def test_bad_architecture_or_augmentation_flags(tiny_scene, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=1, **FAST, **kw)
     assert not any(tmp_path.iterdir())
@@ -263,3 +264,55 @@ def test_geometric_augmentation_keeps_relative_poses_exact(tiny_scene):
         lab = warped['labels'][k][warped['label_mask'][k]].numpy()
         uv, z = fr.project((lab[:, :3] - Tk[:3, 3]) @ Tk[:3, :3], Kk)
         assert len(lab) > 10 and np.abs(uv - lab[:, 3:]).max() < 1e-3 and (z > 0).all()
+    # Novel views (camera moved with the frame's depth) compose the same way: T_a'_p' = N_a T_a_p N_p^-1.
+    moved, N = ds.view_warp_batch({k: v.double() if v.is_floating_point() else v for k, v in batch.items()},
+                                  ds.view_params(0, 0, 12, 0.1, 5.0), 8)
+    N = N.view(4, 3, 4, 4)
+    rel_v = N[:, :1] @ torch.tensor(rel) @ torch.linalg.inv(N[:, 1:])
+    T = moved['T'].view(4, 3, 4, 4).numpy()
+    assert not np.allclose(N.numpy(), np.eye(4))
+    for b in range(4):
+        assert np.allclose(rel_v[b, 0].numpy(), fr.relative_pose(T[b, 0], T[b, 1]), atol=1e-4)
+        assert np.allclose(rel_v[b, 1].numpy(), fr.relative_pose(T[b, 0], T[b, 2]), atol=1e-4)
+
+
+def _rendered_batch(W: int = 128, H: int = 96):
+    """One synthetic frame rendered at a known pose, with labels at a grid of pixels; and its renderer."""
+    from globloc import synth
+    renderer = synth.Renderer(W, H)
+    light = synth.Lighting(1.0, (1.0, 1.0, 1.0), (0.3, 0.2, -1.0), (3.0, 2.5, 2.9))
+    T = synth.look_at(np.array([3.0, 2.0, 1.4]), np.array([5.5, 3.0, 1.2]))
+    image, depth = renderer.render(T, light)
+    v, u = (g.ravel() for g in np.mgrid[5:H:10, 5:W:10])
+    X_cam = np.stack([u, v, np.ones_like(u)], 1) @ np.linalg.inv(renderer.K).T * depth[v, u][:, None]
+    labels = np.concatenate([X_cam @ T[:3, :3].T + T[:3, 3], u[:, None], v[:, None]], 1)
+    batch = {'images': torch.from_numpy(image).permute(2, 0, 1)[None].contiguous(),
+             'K': torch.tensor(renderer.K, dtype=torch.float64)[None], 'T': torch.tensor(T)[None],
+             'depth_full': torch.from_numpy(depth).double()[None], 'labels': torch.tensor(labels)[None],
+             'label_mask': torch.ones(1, len(u), dtype=torch.bool)}
+    return batch, renderer, light
+
+
+def test_novel_view_augmentation_matches_a_render_from_the_moved_camera():
+    """view_warp_batch re-renders a frame from a moved camera with the frame's depth: the synthetic renderer at
+    the new pose must show the same depth and colours, and the kept labels must lie on the rendered surface."""
+    batch, renderer, light = _rendered_batch()
+    same, N = ds.view_warp_batch(batch, np.zeros((1, 6)), 8)
+    assert torch.equal(N[0], torch.eye(4, dtype=N.dtype)) and torch.equal(same['T'], batch['T'])
+    assert torch.allclose(same['images'], batch['images'].double(), atol=1e-6) and same['label_mask'].all()
+    params = np.array([[0.05, 0.05, 0.1, 0.05, -0.05, 0.0]])  # sideways, down, forward; pan and tilt
+    moved, N = ds.view_warp_batch(batch, params, 8)
+    T_new = moved['T'][0].numpy()
+    assert np.allclose(T_new, batch['T'][0].numpy() @ np.linalg.inv(N[0].numpy()))
+    assert np.linalg.norm(N[0, :3, 3].numpy()) > 0.2  # moved by about a tenth of a 2.5 m median depth
+    image, depth = renderer.render(T_new, light)
+    seen = np.isfinite(moved['depth_full'][0].numpy())
+    assert 0.7 < seen.mean() < 1.0  # parallax uncovers what the old view did not see
+    assert np.median(np.abs(moved['depth_full'][0].numpy() - depth)[seen]) < 0.01
+    colour = moved['images'][0].permute(1, 2, 0).numpy()
+    assert np.median(np.abs(colour - image)[seen]) < 3.0 and np.all(colour[~seen] == 0)
+    lab = moved['labels'][0][moved['label_mask'][0]].numpy()
+    assert len(lab) > 0.8 * batch['labels'].shape[1]
+    u, v = np.round(lab[:, 3]).astype(int), np.round(lab[:, 4]).astype(int)
+    X_cam = np.stack([lab[:, 3], lab[:, 4], np.ones(len(lab))], 1) @ np.linalg.inv(renderer.K).T * depth[v, u][:, None]
+    assert np.median(np.linalg.norm(X_cam @ T_new[:3, :3].T + T_new[:3, 3] - lab[:, :3], axis=1)) < 0.01

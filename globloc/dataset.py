@@ -385,11 +385,12 @@ def view_params(seed: int, step: int, n: int, max_translate: float, max_turn_deg
 
 def cells_from_pixels(depth_full: torch.Tensor, stride: int) -> torch.Tensor:
     """depth_full (B, H, W) metres, NaN invalid -> (B, h, w) at the stride-s cell centres: the mean of the four
-    pixels around each centre (s j + (s-1)/2 lies between pixels s j + s/2 - 1 and s j + s/2), NaN if any is
-    invalid."""
+    pixels around each centre (s j + (s-1)/2 lies between pixels s j + s/2 - 1 and s j + s/2); NaN if any is
+    invalid or they straddle a depth edge (as in depth_at_cells)."""
     c = stride // 2 - 1
     quad = torch.stack([depth_full[:, c + a::stride, c + b::stride] for a in (0, 1) for b in (0, 1)])
-    return quad.mean(0)  # a NaN among the four makes the mean NaN
+    lo, hi = quad.amin(0), quad.amax(0)  # NaN when any of the four is NaN
+    return torch.where(hi - lo <= DEPTH_EDGE_RATIO * lo, quad.mean(0), torch.nan)
 
 
 def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torch.Tensor]:
@@ -447,7 +448,7 @@ def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict,
     out['images'] = torch.where(keep[:, :, None, None], (colour * seen[:, None]).view(B, 3, H, W), images.to(dt))
     depth_full = torch.where(keep, torch.where(seen, z_new, torch.nan), d.view(B, -1)).view(B, H, W)
     out['depth_full'] = depth_full
-    out['depth'] = cells_from_pixels(depth_full, stride)
+    out['depth'] = torch.where(keep[:, :, None], cells_from_pixels(depth_full, stride), batch['depth'])
     # Labels: project the map points into c' and keep those the new depth map sees.
     T = batch['T'] @ torch.linalg.inv(N)
     lab = batch['labels'].clone()

@@ -292,6 +292,7 @@ def _rendered_batch(W: int = 128, H: int = 96):
              'K': torch.tensor(renderer.K, dtype=torch.float64)[None], 'T': torch.tensor(T)[None],
              'depth_full': torch.from_numpy(depth).double()[None], 'labels': torch.tensor(labels)[None],
              'label_mask': torch.ones(1, len(u), dtype=torch.bool)}
+    batch['depth'] = ds.cells_from_pixels(batch['depth_full'], 8)
     return batch, renderer, light
 
 

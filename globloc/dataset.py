@@ -106,7 +106,7 @@ def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stri
     quad = np.stack([d00, d01, d10, d11])
     ok = np.all(np.isfinite(quad), 0)
     with np.errstate(invalid='ignore'):
-        ok &= (np.nanmax(quad, 0) - np.nanmin(quad, 0)) <= DEPTH_EDGE_RATIO * np.nanmin(quad, 0)
+        ok &= (quad.max(0) - quad.min(0)) <= DEPTH_EDGE_RATIO * quad.min(0)  # NaN: False
         out = ((1 - fv)[:, None] * ((1 - fu) * d00 + fu * d01) + fv[:, None] * ((1 - fu) * d10 + fu * d11))
     return np.where(ok, out, np.nan).astype(np.float32)
 

@@ -319,3 +319,23 @@ def test_novel_view_augmentation_matches_a_render_from_the_moved_camera():
     u, v = np.round(lab[:, 3]).astype(int), np.round(lab[:, 4]).astype(int)
     X_cam = np.stack([lab[:, 3], lab[:, 4], np.ones(len(lab))], 1) @ np.linalg.inv(renderer.K).T * depth[v, u][:, None]
     assert np.median(np.linalg.norm(X_cam @ T_new[:3, :3].T + T_new[:3, 3] - lab[:, :3], axis=1)) < 0.01
+
+
+def test_novel_views_on_real_frames(real_bags):
+    """Real SUN3D depth (16UC1, holes, noise) moves the camera and the labels follow it exactly; a Strecha frame,
+    which has no depth, stays as it was."""
+    seqs = [bg.read_sequence(real_bags / name, seq=i, label_fraction=0.01, max_frames=2, progress=False)
+            for i, name in enumerate(('sun3d_frag1', 'strecha_fountain_p11'))]
+    data = ds.build_train_data(seqs, (128, 96))
+    batch = ds.batch_tensors(data, np.arange(len(data)))
+    moved, N = ds.view_warp_batch(batch, ds.view_params(0, 0, len(data), 0.1, 5.0), 8)
+    sun = (data.seq == 0).numpy()
+    assert sun.any() and (~sun).any()
+    assert all(not np.allclose(n, np.eye(4)) for n in N[sun].numpy()) and np.allclose(N[~sun].numpy(), np.eye(4))
+    assert torch.equal(moved['images'][~sun], batch['images'][~sun].float())
+    for k in np.flatnonzero(sun):
+        lab = moved['labels'][k][moved['label_mask'][k]].numpy()
+        T = moved['T'][k].numpy()
+        uv, z = fr.project((lab[:, :3] - T[:3, 3]) @ T[:3, :3], moved['K'][k].numpy())
+        assert len(lab) > 10 and np.abs(uv - lab[:, 3:]).max() < 1e-2 and (z > 0).all()
+        assert np.isfinite(moved['depth'][k].numpy()).mean() > 0.3

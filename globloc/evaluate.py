@@ -8,7 +8,7 @@ statistics at infinite error (so it lowers the recalls and can raise the medians
 
 Backends: 'torch' (default), 'onnxruntime', 'auto' run globloc_ros.runtime.Localizer, the node's own backend and
 confidence gate, so the figures are what the node would publish; 'direct' runs the network here with torch (align's
-flag plus the runtime's gate where available). The direct-regression baseline and the PnP method always run direct
+flag plus the runtime's gate). The direct-regression baseline and the PnP method always run direct
 (the Localizer runs only the one-shot alignment graph). Methods: 'align' (the model's own pose; the regression
 baseline's output for a posenet model) or 'pnp' (the scene coordinates through cv2.solvePnPRansac).
 """
@@ -29,6 +29,7 @@ from globloc import dataset as ds
 from globloc_ros import frames as fr
 from globloc_ros.modelfile import read_model_dict
 from globloc_ros.net import NetConfig
+from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, Localizer, gate
 
 RECALLS = ((0.05, 5.0), (0.10, 10.0), (0.25, 2.0))  # (metres, degrees)
 
@@ -95,32 +96,15 @@ class _DirectLocalizer:
         if not hasattr(pose, 'residual'):  # direct regression: nothing to gate on
             return T, bool(pose.confident[0]), {}
         residual, n_eff, spread = float(pose.residual[0]), float(pose.n_eff[0]), float(pose.spread[0])
-        ok = bool(pose.confident[0])
-        if _gate is not None:  # the node's own rule, so 'direct' and the Localizer agree
-            ok = ok and _gate(T, residual, n_eff, spread, _GATE_DEFAULTS[0], _GATE_DEFAULTS[1])[0]
+        # The node's own rule, so 'direct' and the Localizer agree.
+        ok = bool(pose.confident[0]) and gate(T, residual, n_eff, spread, MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS)[0]
         return T, ok, {'residual_m': residual, 'n_eff': n_eff}
 
 
-try:
-    import inspect
-
-    from globloc_ros.runtime import Localizer as _Loc
-    from globloc_ros.runtime import gate as _gate
-    _sig = inspect.signature(_Loc.__init__).parameters
-    _GATE_DEFAULTS = (_sig['max_residual_m'].default, _sig['min_effective_points'].default)
-except (ImportError, KeyError):  # the runtime is optional for offline evaluation
-    _gate, _GATE_DEFAULTS = None, (None, None)
-
-
 class _RuntimeLocalizer:
-    """globloc_ros.runtime.Localizer (the node's backend), when it exists."""
+    """globloc_ros.runtime.Localizer (the node's backend)."""
 
     def __init__(self, model_path, backend: str):
-        try:
-            from globloc_ros.runtime import Localizer
-        except ImportError as e:
-            raise ValueError(f'--backend {backend}: globloc_ros.runtime.Localizer is not available ({e}); '
-                             f"use --backend direct") from e
         self.loc = Localizer(model_path, backend=backend)
         self.meta = {}
 

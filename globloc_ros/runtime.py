@@ -47,6 +47,8 @@ ENGINE_SUFFIXES = ('.engine', '.plan', '.trt')
 MIN_SPREAD_M = 1e-4  # camera points within 0.1 mm of each other cannot pin a rotation (all-zero weights give 1e-6)
 COVARIANCE_UNKNOWN = 1e6  # variance (m^2, rad^2) reported when the outputs are not finite
 BACKENDS = ('auto', 'tensorrt', 'onnxruntime', 'torch')
+MAX_RESIDUAL_M = 0.25  # default confidence gate: weighted RMS alignment residual (m) ...
+MIN_EFFECTIVE_POINTS = 10.0  # ... and effective point count (1 / sum w^2)
 
 
 class LocalizerError(RuntimeError):
@@ -505,7 +507,8 @@ class Localizer:
     """
 
     def __init__(self, model_path, backend: str = 'auto', device: str | None = None, threads: int | None = None,
-                 max_residual_m: float = 0.25, min_effective_points: float = 10.0, precision: str | None = None,
+                 max_residual_m: float = MAX_RESIDUAL_M, min_effective_points: float = MIN_EFFECTIVE_POINTS,
+                 precision: str | None = None,
                  cache_dir: str | os.PathLike | None = None):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')

@@ -11,8 +11,8 @@ Augmentation keeps the geometry exact: photometric jitter; zoom and in-plane rot
 adjusted); novel views (`view_warp_batch`: the frame re-rendered from its depth for a moved camera).
 
 Sampling is a pure function of (seed, step): `TupleSampler.tuples(step, batch)` and the `*_params(seed, step, n)`
-functions draw from np.random.default_rng([seed, step, ...]). That makes resuming exact and lets each distributed rank take its
-slice of the same global batch.
+functions draw from np.random.default_rng([seed, step, ...]). That makes resuming exact and lets each distributed
+rank take its slice of the same global batch.
 """
 from __future__ import annotations
 
@@ -318,11 +318,11 @@ def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torc
     (dx W, dy H) (the image content moves with it, as in a crop of a larger sensor).
 
     For the new camera c': X_c' = Rz(theta) X_c, so T_map_c' = T_map_c Rz^T, K' = K with fx, fy * s and cx, cy
-    shifted, and a pixel maps as p' = K' Rz K^-1 p. Depth along the optical axis is unchanged under both, so the depth at a new
-    cell is the old depth where that cell's ray was. Images are resampled bilinearly (black outside the
-    original view), labels moved (and dropped when they leave the image), depth cells resampled from the
-    full-resolution depth. Returns the warped batch and Rz (B, 3, 3), which the caller applies to relative poses:
-    T_a'_p' = Rz_a T_a_p Rz_p^T.
+    shifted, and a pixel maps as p' = K' Rz K^-1 p. Depth along the optical axis is unchanged under both, so the
+    depth at a new cell is the old depth where that cell's ray was. Images are resampled bilinearly (black outside
+    the original view), labels moved (and dropped when they leave the image), depth cells resampled from the
+    full-resolution depth. Returns the warped batch and T_c'_c (B, 4, 4) (rotation Rz), which the caller applies to
+    relative poses: T_a'_p' = T_a'_a T_a_p T_p'_p^-1.
     """
     images, K = batch['images'], batch['K']
     B, _, H, W = images.shape

@@ -108,8 +108,9 @@ def camera_frames(bag: str | None, n: int) -> tuple[list, str]:
 
 
 # ------------------------------------------------------------------------------------------ measurements
-def backends_here() -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """[(backend, device)] runnable on this machine, and {name: why not} for the others."""
+def backends_here() -> tuple[list[tuple[str, str, str | None]], dict[str, str]]:
+    """[(backend, device, precision)] runnable on this machine (precision None: the backend's default), and
+    {name: why not} for the others."""
     ok_ort, ort_cuda = rt._ort_available()
     run, skipped = [], {}
     try:
@@ -121,20 +122,20 @@ def backends_here() -> tuple[list[tuple[str, str]], dict[str, str]]:
         trt = False
         skipped['tensorrt'] = 'TensorRT is not installed'
     if trt:
-        run.append(('tensorrt', 'cuda'))
+        run.append(('tensorrt', 'cuda', None))
     if torch.cuda.is_available():
-        run.append(('torch', 'cuda'))
+        run += [('torch', 'cuda', 'fp16'), ('torch', 'cuda', 'fp32')]
     else:
         skipped['torch cuda'] = 'no CUDA GPU'
     if ok_ort:
-        run.append(('onnxruntime', 'cpu'))
+        run.append(('onnxruntime', 'cpu', None))
         if ort_cuda:
-            run.append(('onnxruntime', 'cuda'))
+            run.append(('onnxruntime', 'cuda', None))
         else:
             skipped['onnxruntime cuda'] = 'no CUDAExecutionProvider'
     else:
         skipped['onnxruntime'] = 'onnxruntime is not installed'
-    run.append(('torch', 'cpu'))
+    run.append(('torch', 'cpu', None))
     return run, skipped
 
 
@@ -344,8 +345,8 @@ def run(args: argparse.Namespace) -> int:
             snet = resized_net(net, (W, H))
             spath = Path(tmp.name) / f'model_{W}x{H}.pt'
             save_model(snet, spath, meta={'bench': True})
-            for backend, device in available:
-                kwargs = dict(backend=backend, device=device, cache_dir=tmp.name,
+            for backend, device, precision in available:
+                kwargs = dict(backend=backend, device=device, precision=precision, cache_dir=tmp.name,
                               threads=args.threads if device == 'cpu' else None)
                 path = spath
                 if backend == 'tensorrt':

@@ -310,8 +310,10 @@ class _TorchBackend:
         if self.device != 'cuda':  # the CPU path never touches CUDA, autocast included
             _, scene, depth, logits = self.net.heads(x)
             return scene, depth, logits
-        # cache_enabled=False: autocast's weight cache does not mix with CUDA graph capture.
-        with torch.autocast('cuda', dtype=torch.float16, enabled=self.fp16, cache_enabled=False):
+        # cache_enabled=False: autocast's weight cache does not mix with CUDA graph capture. fp32 means fp32:
+        # cuDNN's TF32 convolutions (torch's default) are turned off for it.
+        with torch.autocast('cuda', dtype=torch.float16, enabled=self.fp16, cache_enabled=False), \
+                torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=self.fp16):
             _, scene, depth, logits = self.net.heads(x)
         return scene.float(), depth.float(), logits.float()
 
@@ -323,7 +325,7 @@ class _TorchBackend:
         self.static_x = torch.full((1, 3, H, W), 127.0, device='cuda')
         self.static_K = torch.tensor([[[W, 0.0, (W - 1) / 2], [0.0, W, (H - 1) / 2], [0.0, 0.0, 1.0]]],
                                      device='cuda')
-        torch.backends.cudnn.benchmark = True  # the warm-up below settles the algorithms before capture
+        # The warm-up below settles cuDNN's algorithms (benchmark mode, set in _heads) before capture.
         with torch.no_grad():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())

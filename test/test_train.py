@@ -151,6 +151,20 @@ def test_torchrun_two_gloo_processes_equal_one(tiny_scene, tmp_path):
     assert float(moved.median()) > 100 * float(diff.median())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='no CUDA GPU: --device cuda cannot run here')
+def test_cuda_training_follows_the_cpu_run(tiny_scene, tmp_path):
+    # Same seed, same tuples and augmentation: the first step's losses agree to float (TF32) precision, and
+    # the runs stay together for 20 steps; the model file holds CPU tensors either way.
+    kw = dict(bags=_train_bags(tiny_scene), steps=20, ramp='0:0', **FAST)
+    runs = {dev: torch.load(train(out=tmp_path / f'{dev}.pt', device=dev, **kw), weights_only=True)
+            for dev in ('cpu', 'cuda')}
+    cpu, gpu = (np.array(runs[d]['meta']['loss_history']) for d in ('cpu', 'cuda'))
+    assert runs['cuda']['meta']['device'].startswith('cuda')
+    assert all(v.device.type == 'cpu' for v in runs['cuda']['state_dict'].values())
+    assert np.allclose(gpu[0, 1:], cpu[0, 1:], rtol=1e-2, atol=1e-4), (cpu[0], gpu[0])
+    assert np.allclose(gpu[-5:, -1].mean(), cpu[-5:, -1].mean(), rtol=0.1), (cpu[-5:, -1], gpu[-5:, -1])
+
+
 def _initial(scene: Path, tmp_path: Path) -> dict:
     """Weights at initialisation (seed 0): a 1-step run with a vanishing learning rate."""
     out = train(bags=_train_bags(scene), out=tmp_path / 'init.pt', steps=1, lr=1e-30, input_size='64x48',

@@ -102,10 +102,11 @@ class _DirectLocalizer:
 
 
 class _RuntimeLocalizer:
-    """globloc_ros.runtime.Localizer (the node's backend)."""
+    """globloc_ros.runtime.Localizer (the node's backend), on the CPU in fp32 (what the report states), also
+    where a GPU is present."""
 
     def __init__(self, model_path, backend: str):
-        self.loc = Localizer(model_path, backend=backend)
+        self.loc = Localizer(model_path, backend=backend, device='cpu')
         self.meta = {}
 
     def __call__(self, image: np.ndarray, K: np.ndarray):

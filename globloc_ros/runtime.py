@@ -500,7 +500,8 @@ class Localizer:
 
     model_path: .pt model file, .onnx graph, or .engine/.plan/.trt TensorRT engine (+ PATH.json).
     device is ignored for engines (always CUDA).
-    backend: 'auto' | 'tensorrt' | 'onnxruntime' | 'torch'. device: 'cpu' | 'cuda' | None (CUDA when present).
+    backend: 'auto' | 'tensorrt' | 'onnxruntime' | 'torch'. device: 'cpu' | 'cuda' | None (CUDA where the backend
+    can use it here: torch with CUDA, onnxruntime with its CUDA provider).
     threads: CPU threads of the backend (None: its default; for torch this sets torch's global thread count).
     precision: 'fp32' | 'fp16' | None (fp16 for torch on CUDA and for engines as built, else fp32).
     A pose is confident when finite, not degenerate, n_eff >= min_effective_points and
@@ -529,9 +530,8 @@ class Localizer:
         self.min_effective_points = float(min_effective_points)
         self.threads = threads
         ort_ok, ort_cuda = _ort_available()
-        if device is None:
-            device = 'cuda' if (torch.cuda.is_available() or ort_cuda) else 'cpu'
-        if device == 'cuda' and not (torch.cuda.is_available() or ort_cuda):
+        torch_cuda = torch.cuda.is_available()
+        if device == 'cuda' and not (torch_cuda or ort_cuda):
             raise LocalizerError('device cuda requested but neither torch nor onnxruntime sees a CUDA GPU here')
         if not path.is_file():
             raise LocalizerError(f'model file not found: {path}')
@@ -542,12 +542,14 @@ class Localizer:
                 backend = 'tensorrt'
             elif kind == 'onnx':
                 backend = 'onnxruntime'
-            elif device == 'cuda' and torch.cuda.is_available():
+            elif device != 'cpu' and torch_cuda:
                 backend = 'torch'
             elif ort_ok:
                 backend = 'onnxruntime'
             else:
                 backend = 'torch'
+        if device is None:  # the GPU where this backend can use one
+            device = 'cuda' if {'tensorrt': True, 'torch': torch_cuda, 'onnxruntime': ort_cuda}[backend] else 'cpu'
         names = {'model': 'model files (.pt)', 'onnx': 'ONNX graphs (.onnx)', 'engine': 'TensorRT engines (.engine)'}
         needs = {'tensorrt': ('engine',), 'onnxruntime': ('model', 'onnx'), 'torch': ('model',)}[backend]
         if kind not in needs:
@@ -556,7 +558,7 @@ class Localizer:
                                  '`globloc export --format tensorrt`)')
         if backend == 'onnxruntime' and not ort_ok:
             raise LocalizerError('onnxruntime is not installed')
-        if backend == 'torch' and device == 'cuda' and not torch.cuda.is_available():
+        if backend == 'torch' and device == 'cuda' and not torch_cuda:
             raise LocalizerError('device cuda requested for the torch backend, but this torch has no CUDA')
         if backend == 'tensorrt':
             device = 'cuda'

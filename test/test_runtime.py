@@ -106,6 +106,15 @@ def test_unwritable_cache_is_a_clear_error(model_file, tmp_path):
         rt.Localizer(model_file, backend='onnxruntime', cache_dir=blocker / 'cache')
 
 
+def test_default_device_is_the_backends_own(model_file, cache_dir, monkeypatch):
+    # A GPU machine whose onnxruntime has only the CPU provider (seen on an H200): onnxruntime runs on the CPU
+    # instead of failing for want of a CUDA provider.
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(rt, '_ort_available', lambda: (True, False))
+    lz = rt.Localizer(model_file, backend='onnxruntime', cache_dir=cache_dir)
+    assert (lz.backend, lz.device) == ('onnxruntime', 'cpu')
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason='CUDA present: auto picks torch on CUDA there')
 def test_auto_picks_onnxruntime_here(model_file, cache_dir, ort_localizer):
     lz = rt.Localizer(model_file, cache_dir=cache_dir)

@@ -27,6 +27,7 @@ from globloc import baselines as bl
 from globloc import bags as bg
 from globloc import dataset as ds
 from globloc_ros import frames as fr
+from globloc_ros.align import align_weighted
 from globloc_ros.modelfile import read_model_dict
 from globloc_ros.net import NetConfig
 from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, Localizer, gate
@@ -141,6 +142,48 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     return T_est, ok, times, extras, meta, backend
 
 
+def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
+    """Where a scene-coordinate model's pose error comes from, on frames with recorded depth (None otherwise, and
+    for regression models): medians over frames of the per-cell |depth - recorded depth| (m) and
+    ||scene coordinate - recorded point|| (m, the recorded depth back-projected with the ground-truth pose), and
+    the median pose error when the recorded depth replaces the depth head in the same weighted alignment (what
+    the depth head costs)."""
+    net, _ = bl.load_any_model(model_path)
+    if bl.model_arch(net.config) != 'globloc':
+        return None
+    frames = [f for f in frames if f.depth is not None]
+    if not frames:
+        return None
+    stride, depth_err, scene_err, T_rec, T_gt = net.config.stride, [], [], [], []
+    for f in frames:
+        img, K, sx, sy = ds.resize_frame(f.image, f.K, net.config.input_size)
+        x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        with torch.inference_mode():
+            _, scene, depth, logits = net.heads(x)
+        h, w = scene.shape[2:]
+        d_rec = torch.from_numpy(ds.depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
+        valid = torch.isfinite(d_rec[0])
+        if valid.sum() < 10:
+            continue
+        uv = fr.cell_centres(h, w, stride)
+        cam_rec = fr.backproject(torch.nan_to_num(d_rec), uv, torch.from_numpy(K).float()[None])  # (1, N, 3)
+        R, t = (torch.from_numpy(a).float() for a in (f.T_map_cam[:3, :3], f.T_map_cam[:3, 3]))
+        map_pts = scene.flatten(2).transpose(1, 2)
+        depth_err.append(float((depth.flatten(1)[0] - d_rec[0])[valid].abs().median()))
+        scene_err.append(float((map_pts[0] - (cam_rec[0] @ R.T + t))[valid].norm(dim=1).median()))
+        weights = torch.where(valid[None], torch.softmax(logits, 1), torch.zeros_like(logits))
+        pose = align_weighted(cam_rec, map_pts, weights)
+        T_rec.append(fr.pose_matrix(pose.R[0].double().numpy(), pose.t[0].double().numpy()))
+        T_gt.append(f.T_map_cam)
+    if not T_rec:
+        return None
+    t_err, r_err = fr.pose_errors(np.stack(T_rec), np.stack(T_gt))
+    return {'frames': len(T_rec), 'median_depth_error_m': float(np.median(depth_err)),
+            'median_scene_coord_error_m': float(np.median(scene_err)),
+            'with_recorded_depth': {'median_translation_m': float(np.median(t_err)),
+                                    'median_rotation_deg': float(np.median(r_err))}}
+
+
 def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
     """Errors and summary. Failures (ok False) count at infinite error. T_* (N, 4, 4) T_map_cam."""
     t_raw, r_raw = fr.pose_errors(T_est, T_gt)
@@ -183,6 +226,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
         'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
         'model_command': meta.get('command'), 'model_steps': meta.get('steps'),
         **summary,
+        'heads': head_errors(model_path, frames) if method == 'align' else None,
         'time_ms_per_frame': {'mean': float(times.mean()), 'p50': float(np.percentile(times, 50)),
                               'p99': float(np.percentile(times, 99))},
         'per_frame': [{'seq': f.seq, 'index': f.index, 'stamp_ns': f.stamp_ns,
@@ -300,7 +344,16 @@ def format_summary(r: dict) -> str:
             f"{r['recall_10cm_10deg']:.3f}, 25cm/2deg {r['recall_25cm_2deg']:.3f}; "
             f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}); "
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
-            f"{r['ungated']['median_rotation_deg']:.2f} deg")
+            f"{r['ungated']['median_rotation_deg']:.2f} deg" + _heads_summary(r.get('heads')))
+
+
+def _heads_summary(h: dict | None) -> str:
+    if not h:
+        return ''
+    rec = h['with_recorded_depth']
+    return (f"\nheads on {h['frames']} frames with recorded depth: depth error {_cm(h['median_depth_error_m'])}, "
+            f"scene-coordinate error {_cm(h['median_scene_coord_error_m'])}; with the recorded depth in place of "
+            f"the depth head: {_cm(rec['median_translation_m'])} / {rec['median_rotation_deg']:.2f} deg")
 
 
 def _cm(m: float) -> str:

@@ -37,7 +37,7 @@ def real_bags() -> Path:
     return path
 
 
-# ---- appended by the training engineer -----------------------------------------------------------------------
+# ---- a trained model ---------------------------------------------------------------------------------------
 TINY_MODEL = dict(steps=600, batch=4, input_size='64x48', ramp='0.3:0.6', w_pose=0.2, w_rel=0.2, seed=0)
 
 

@@ -119,12 +119,12 @@ def test_direct_backend_agrees_with_the_localizer(tiny_model):
     assert np.allclose(a[0], b[0], atol=1e-4) and np.array_equal(a[1], b[1])
 
 
-
 def test_head_errors_measure_the_depth_head(tiny_model):
     model, scene = tiny_model
     frames = ev.load_test_frames([scene / 'seq_02'], 'every:6')
     h = ev.head_errors(model, frames)
-    assert h['frames'] == len(frames) and 0 < h['median_depth_error_m'] < 2 and 0 < h['median_scene_coord_error_m'] < 3
+    assert h['frames'] == len(frames)
+    assert 0 < h['median_depth_error_m'] < 2 and 0 < h['median_scene_coord_error_m'] < 3
     # Recorded depth 20 % too far: the depth head's error against it grows, and the alignment fed with it is off
     # by about that much along the viewing rays (a few decimetres at 2-3 m).
     far = [dataclasses.replace(f, depth=f.depth * 1.2) for f in frames]
@@ -132,6 +132,7 @@ def test_head_errors_measure_the_depth_head(tiny_model):
     assert h_far['median_depth_error_m'] > h['median_depth_error_m'] + 0.1
     assert h_far['with_recorded_depth']['median_translation_m'] > h['with_recorded_depth']['median_translation_m'] + 0.1
     assert ev.head_errors(model, [dataclasses.replace(f, depth=None) for f in frames]) is None
+
 
 def test_compare_writes_one_table(tiny_scene, tmp_path):
     """A miniature comparison (2 steps per model): the harness runs every row and writes table + plot."""

@@ -27,10 +27,9 @@ from globloc import baselines as bl
 from globloc import bags as bg
 from globloc import dataset as ds
 from globloc_ros import frames as fr
-from globloc_ros.align import align_weighted
 from globloc_ros.modelfile import read_model_dict
 from globloc_ros.net import NetConfig
-from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, Localizer, gate
+from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, Localizer, gate, pose_from_heads
 
 RECALLS = ((0.05, 5.0), (0.10, 10.0), (0.25, 2.0))  # (metres, degrees)
 
@@ -165,15 +164,13 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
         valid = torch.isfinite(d_rec[0])
         if valid.sum() < 10:
             continue
-        uv = fr.cell_centres(h, w, stride)
-        cam_rec = fr.backproject(torch.nan_to_num(d_rec), uv, torch.from_numpy(K).float()[None])  # (1, N, 3)
+        Kt = torch.from_numpy(K).float()[None]
+        cam_rec = fr.backproject(d_rec, fr.cell_centres(h, w, stride), Kt)[0]  # (N, 3), NaN where no depth
         R, t = (torch.from_numpy(a).float() for a in (f.T_map_cam[:3, :3], f.T_map_cam[:3, 3]))
-        map_pts = scene.flatten(2).transpose(1, 2)
         depth_err.append(float((depth.flatten(1)[0] - d_rec[0])[valid].abs().median()))
-        scene_err.append(float((map_pts[0] - (cam_rec[0] @ R.T + t))[valid].norm(dim=1).median()))
-        weights = torch.where(valid[None], torch.softmax(logits, 1), torch.zeros_like(logits))
-        pose = align_weighted(cam_rec, map_pts, weights)
-        T_rec.append(fr.pose_matrix(pose.R[0].double().numpy(), pose.t[0].double().numpy()))
+        scene_err.append(float((scene[0].flatten(1).T - (cam_rec @ R.T + t))[valid].norm(dim=1).median()))
+        # The runtime's own alignment, fed the recorded depth (cells without it drop out as non-finite points).
+        T_rec.append(pose_from_heads(net, scene, d_rec.view(1, 1, h, w), logits, Kt)[0][0].double().numpy())
         T_gt.append(f.T_map_cam)
     if not T_rec:
         return None

@@ -28,8 +28,6 @@ from globloc import bags as bg
 from globloc import graph as gr
 from globloc_ros import frames as fr
 
-DEPTH_EDGE_RATIO = 0.05  # four depth pixels differing by more than 5 % straddle an edge: no depth label there
-
 
 @dataclass
 class TrainData:
@@ -85,32 +83,6 @@ def resize_frame(image: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> tup
     return image, fr.scale_intrinsics(K, sx, sy), sx, sy
 
 
-def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stride: int) -> np.ndarray:
-    """Recorded depth (h0, w0) metres (NaN invalid) -> (h, w) at the input image's cell centres.
-
-    Cell (i, j) sits at input pixel (s j + (s-1)/2, s i + (s-1)/2), i.e. at recorded pixel ((u + 0.5)/sx - 0.5, ...).
-    Bilinear over the four neighbours; NaN if any is invalid or they differ by more than DEPTH_EDGE_RATIO.
-    stride 1 gives the depth at every input pixel.
-    """
-    h0, w0 = depth.shape
-    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
-    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
-    u = np.clip(u, 0, w0 - 1)
-    v = np.clip(v, 0, h0 - 1)
-    u0 = np.minimum(np.floor(u).astype(int), w0 - 2) if w0 > 1 else np.zeros(w, int)
-    v0 = np.minimum(np.floor(v).astype(int), h0 - 2) if h0 > 1 else np.zeros(h, int)
-    fu, fv = u - u0, v - v0
-    u1, v1 = np.minimum(u0 + 1, w0 - 1), np.minimum(v0 + 1, h0 - 1)
-    d00, d01 = depth[v0][:, u0], depth[v0][:, u1]
-    d10, d11 = depth[v1][:, u0], depth[v1][:, u1]
-    quad = np.stack([d00, d01, d10, d11])
-    ok = np.all(np.isfinite(quad), 0)
-    with np.errstate(invalid='ignore'):
-        ok &= (quad.max(0) - quad.min(0)) <= DEPTH_EDGE_RATIO * quad.min(0)  # NaN: False
-        out = ((1 - fv)[:, None] * ((1 - fu) * d00 + fu * d01) + fv[:, None] * ((1 - fu) * d10 + fu * d11))
-    return np.where(ok, out, np.nan).astype(np.float32)
-
-
 def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
                    progress: bool = False, topics: bg.Topics = bg.Topics()) -> list[bg.Sequence]:
     """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input."""
@@ -151,8 +123,8 @@ def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], 
         img, K, sx, sy = resize_frame(f.image, f.K, input_size)
         images[k], Ks[k], Ts[k] = img, K, f.T_map_cam
         if f.depth is not None:
-            depth[k] = depth_at_cells(f.depth, sx, sy, h, w, stride)
-            depth_full[k] = depth_at_cells(f.depth, sx, sy, H, W, 1)
+            depth[k] = fr.depth_at_cells(f.depth, sx, sy, h, w, stride)
+            depth_full[k] = fr.depth_at_cells(f.depth, sx, sy, H, W, 1)
         lm = np.zeros((0, 5), np.float32) if f.landmarks is None else np.asarray(f.landmarks, np.float32)
         lm = lm[np.all(np.isfinite(lm), 1)].copy()
         lm[:, 3] = (lm[:, 3] + 0.5) * sx - 0.5
@@ -390,7 +362,7 @@ def cells_from_pixels(depth_full: torch.Tensor, stride: int) -> torch.Tensor:
     c = stride // 2 - 1
     quad = torch.stack([depth_full[:, c + a::stride, c + b::stride] for a in (0, 1) for b in (0, 1)])
     lo, hi = quad.amin(0), quad.amax(0)  # NaN when any of the four is NaN
-    return torch.where(hi - lo <= DEPTH_EDGE_RATIO * lo, quad.mean(0), torch.nan)
+    return torch.where(hi - lo <= fr.DEPTH_EDGE_RATIO * lo, quad.mean(0), torch.nan)
 
 
 def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torch.Tensor]:

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Localizer backend (default torch), or 'direct' (this module's own torch loop)")
     p.add_argument('--method', choices=('align', 'pnp'), default='align',
                    help="'align': the model's pose; 'pnp': its scene coordinates through cv2.solvePnPRansac")
+    p.add_argument('--depth', action='store_true',
+                   help="RGB-D: give the Localizer each frame's recorded depth, which replaces the depth head's")
     p.add_argument('--max-frames', type=int, default=None, help='first N frames of each bag')
     bg.add_topic_argument(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -109,31 +111,40 @@ class _RuntimeLocalizer:
         self.loc = Localizer(model_path, backend=backend, device='cpu')
         self.meta = {}
 
-    def __call__(self, image: np.ndarray, K: np.ndarray):
-        r = self.loc.localize(image, K)
+    def __call__(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None):
+        r = self.loc.localize(image, K, depth)
         extra = {'residual_m': float(r.residual), 'n_eff': float(r.n_eff)}
+        if depth is not None:
+            extra['measured_depth'] = r.measured_depth
         if not r.confident:
             extra['reason'] = r.reason
         return np.asarray(r.T_map_cam, np.float64), bool(r.confident), extra
 
 
 def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
-                    warmup: int = 3):
-    """Localise each frame. Returns T_est (N, 4, 4), ok (N,) bool, time_ms (N,), extras (list of dicts), meta,
-    and the backend actually used ('direct' for posenet models and for PnP)."""
+                    warmup: int = 3, depth: bool = False):
+    """Localise each frame (depth: with its recorded depth, RGB-D). Returns T_est (N, 4, 4), ok (N,) bool,
+    time_ms (N,), extras (list of dicts), meta, and the backend actually used ('direct' for posenet models and
+    for PnP)."""
     arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
     if backend != 'direct' and (arch != 'globloc' or method == 'pnp'):
         backend = 'direct'
+    if depth and backend == 'direct':
+        raise ValueError(f'--depth needs a scene-coordinate model run by the Localizer (--backend torch, onnxruntime '
+                         f'or auto, --method align); got a {arch} model, backend {backend}, method {method}')
+    if depth and (missing := sum(f.depth is None for f in frames)):
+        raise ValueError(f'--depth: {missing} of {len(frames)} test frames have no recorded depth')
     loc = _DirectLocalizer(model_path, method) if backend == 'direct' else _RuntimeLocalizer(model_path, backend)
+    args = (lambda f: (f.image, f.K, f.depth)) if depth else (lambda f: (f.image, f.K))
     for f in frames[:warmup]:  # first calls allocate; keep them out of the timing
-        loc(f.image, f.K)
+        loc(*args(f))
     T_est = np.zeros((len(frames), 4, 4))
     ok = np.zeros(len(frames), bool)
     times = np.zeros(len(frames))
     extras = []
     for k, f in enumerate(frames):
         t0 = time.perf_counter()
-        T, conf, extra = loc(f.image, f.K)
+        T, conf, extra = loc(*args(f))
         times[k] = (time.perf_counter() - t0) * 1e3
         T_est[k], ok[k] = T, conf and bool(np.all(np.isfinite(T)))
         extras.append(extra)
@@ -146,7 +157,7 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
     for regression models): medians over frames of the per-cell |depth - recorded depth| (m) and
     ||scene coordinate - recorded point|| (m, the recorded depth back-projected with the ground-truth pose), and
     the median pose error when the recorded depth replaces the depth head in the same weighted alignment (what
-    the depth head costs)."""
+    the depth head costs; cells without recorded depth keep the head's, as in the Localizer with a depth image)."""
     net, _ = bl.load_any_model(model_path)
     if bl.model_arch(net.config) != 'globloc':
         return None
@@ -160,7 +171,7 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
         with torch.inference_mode():
             _, scene, depth, logits = net.heads(x)
         h, w = scene.shape[2:]
-        d_rec = torch.from_numpy(ds.depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
+        d_rec = torch.from_numpy(fr.depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
         valid = torch.isfinite(d_rec[0])
         if valid.sum() < 10:
             continue
@@ -169,8 +180,9 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
         R, t = (torch.from_numpy(a).float() for a in (f.T_map_cam[:3, :3], f.T_map_cam[:3, 3]))
         depth_err.append(float((depth.flatten(1)[0] - d_rec[0])[valid].abs().median()))
         scene_err.append(float((scene[0].flatten(1).T - (cam_rec @ R.T + t))[valid].norm(dim=1).median()))
-        # The runtime's own alignment, fed the recorded depth (cells without it drop out as non-finite points).
-        T_rec.append(pose_from_heads(net, scene, d_rec.view(1, 1, h, w), logits, Kt)[0][0].double().numpy())
+        # The runtime's own alignment, fed the recorded depth (0 = none: the head's depth there).
+        measured = torch.nan_to_num(d_rec, nan=0.0).view(1, 1, h, w)
+        T_rec.append(pose_from_heads(net, scene, depth, logits, Kt, measured)[0][0].double().numpy())
         T_gt.append(f.T_map_cam)
     if not T_rec:
         return None
@@ -207,18 +219,19 @@ def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
 
 def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', method: str = 'align',
              json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None,
-             topics: bg.Topics = bg.Topics()) -> dict:
-    """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc)."""
+             topics: bg.Topics = bg.Topics(), depth: bool = False) -> dict:
+    """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc).
+    depth: RGB-D, the Localizer gets each frame's recorded depth."""
     frames = frames if frames is not None else load_test_frames(bags, split, max_frames, topics)
     if not frames:
         raise ValueError(f'no test frames in {bags} (split {split})')
     T_gt = np.stack([f.T_map_cam for f in frames])
-    T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method)
+    T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method, depth=depth)
     summary, t_err, r_err, t_raw, r_raw = pose_metrics(T_est, T_gt, ok)
     h, w = frames[0].image.shape[:2]
     report = {
         'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
-        'backend': backend, 'method': method, 'device': 'cpu', 'threads': torch.get_num_threads(),
+        'backend': backend, 'method': method, 'depth_input': depth, 'device': 'cpu', 'threads': torch.get_num_threads(),
         'precision': 'fp32', 'recorded_size': [w, h],
         'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
         'model_command': meta.get('command'), 'model_steps': meta.get('steps'),
@@ -339,7 +352,8 @@ def format_summary(r: dict) -> str:
     return (f"{r['frames']} frames, {r['failures']} failures: median {_cm(r['median_translation_m'])} / "
             f"{r['median_rotation_deg']:.2f} deg; recall 5cm/5deg {r['recall_5cm_5deg']:.3f}, 10cm/10deg "
             f"{r['recall_10cm_10deg']:.3f}, 25cm/2deg {r['recall_25cm_2deg']:.3f}; "
-            f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}); "
+            f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}"
+            f"{', RGB-D' if r.get('depth_input') else ''}); "
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
             f"{r['ungated']['median_rotation_deg']:.2f} deg" + _heads_summary(r.get('heads')))
 
@@ -364,7 +378,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f'model file not found: {args.model}')
     r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,
                  json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames,
-                 topics=bg.parse_topics(args.topic))
+                 topics=bg.parse_topics(args.topic), depth=args.depth)
     print(format_summary(r))
     if args.json:
         print(f'wrote {args.json}')

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import os
 import tempfile
@@ -123,11 +124,21 @@ def to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dyn
     return model
 
 
-def _example_inputs(config) -> tuple[torch.Tensor, torch.Tensor]:
+def _example_inputs(config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     W, H = config.input_size
     image = torch.full((1, 3, H, W), 127.0)
     K = torch.tensor([[[0.9 * W, 0.0, (W - 1) / 2], [0.0, 0.9 * W, (H - 1) / 2], [0.0, 0.0, 1.0]]])
-    return image, K
+    return image, K, _check_depths(config)[0]
+
+
+def _check_depths(config) -> list[torch.Tensor]:
+    """The depth inputs every check frame runs with: none measured (zeros), and a plane 2 m away measured on the
+    left half of the cells only, so both sides of with_measured_depth's where are compared."""
+    W, H = config.input_size
+    s = config.stride
+    half = torch.zeros(1, 1, H // s, W // s)
+    half[..., : W // s // 2] = 2.0
+    return [torch.zeros_like(half), half]
 
 
 def synthetic_check_frames(size: tuple[int, int], n: int = 2, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -155,16 +166,17 @@ def bag_check_frames(bag, size: tuple[int, int], n: int = 4) -> list[tuple[np.nd
 
 def compare_onnx_with_torch(onnx_path, net, frames) -> tuple[float, float]:
     """Max translation (m) and rotation (deg) difference of T_map_cam between onnxruntime (CPU) and PyTorch
-    PoseGraph over `frames` [(image (H, W, 3) uint8, K (3, 3))], fed through runtime.preprocess."""
+    PoseGraph over `frames` [(image (H, W, 3) uint8, K (3, 3))], fed through runtime.preprocess, each with the
+    depth inputs of _check_depths."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(onnx_path), providers=['CPUExecutionProvider'])
     graph = PoseGraph(net.eval())
     dts, drs = [], []
-    for image, K in frames:
+    for (image, K), d in itertools.product(frames, _check_depths(net.config)):
         x, Kt = rt.preprocess(image, K, net.config.input_size)
-        T_ort = sess.run(['T_map_cam'], {'image': x.numpy(), 'K': Kt.numpy()})[0]
+        T_ort = sess.run(['T_map_cam'], {'image': x.numpy(), 'K': Kt.numpy(), 'depth': d.numpy()})[0]
         with torch.no_grad():
-            T_pt = graph(x, Kt)[0].numpy()
+            T_pt = graph(x, Kt, d)[0].numpy()
         dts.append(np.abs(T_ort[:, :3, 3] - T_pt[:, :3, 3]).max())
         drs.append(rotation_error_deg(T_ort[:, :3, :3], T_pt[:, :3, :3]).max())
     return float(max(dts)), float(max(drs))
@@ -231,10 +243,10 @@ def export_torchscript(model_path, out, dynamic_batch: bool = False, check_frame
         traced = torch.jit.trace(graph, _example_inputs(net.config), check_trace=False)
     frames = check_frames if check_frames is not None else synthetic_check_frames(net.config.input_size)
     dts, drs = [], []
-    for image, K in frames:
+    for (image, K), d in itertools.product(frames, _check_depths(net.config)):
         x, Kt = rt.preprocess(image, K, net.config.input_size)
         with torch.no_grad():
-            a, b = traced(x, Kt)[0].numpy(), graph(x, Kt)[0].numpy()
+            a, b = traced(x, Kt, d)[0].numpy(), graph(x, Kt, d)[0].numpy()
         dts.append(np.abs(a[:, :3, 3] - b[:, :3, 3]).max())
         drs.append(rotation_error_deg(a[:, :3, :3], b[:, :3, :3]).max())
     buf = io.BytesIO()

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 import transforms3d.quaternions as t3q
 
+DEPTH_EDGE_RATIO = 0.05  # four depth pixels differing by more than 5 % straddle an edge: no depth label there
+
 
 def quat_xyzw_to_matrix(q_xyzw: np.ndarray) -> np.ndarray:
     """(4,) quaternion (x, y, z, w) -> (3, 3) rotation. Raises ValueError unless finite and unit (1e-3)."""
@@ -104,6 +106,32 @@ def backproject(depth: torch.Tensor, uv: torch.Tensor, K: torch.Tensor) -> torch
     cx, cy = K[:, 0, 2, None], K[:, 1, 2, None]
     u, v = uv[..., 0], uv[..., 1]
     return torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)
+
+
+def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stride: int) -> np.ndarray:
+    """Recorded depth (h0, w0) metres (NaN invalid) -> (h, w) at the input image's cell centres.
+
+    Cell (i, j) sits at input pixel (s j + (s-1)/2, s i + (s-1)/2), i.e. at recorded pixel ((u + 0.5)/sx - 0.5, ...).
+    Bilinear over the four neighbours; NaN if any is invalid or they differ by more than DEPTH_EDGE_RATIO.
+    stride 1 gives the depth at every input pixel.
+    """
+    h0, w0 = depth.shape
+    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
+    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
+    u = np.clip(u, 0, w0 - 1)
+    v = np.clip(v, 0, h0 - 1)
+    u0 = np.minimum(np.floor(u).astype(int), w0 - 2) if w0 > 1 else np.zeros(w, int)
+    v0 = np.minimum(np.floor(v).astype(int), h0 - 2) if h0 > 1 else np.zeros(h, int)
+    fu, fv = u - u0, v - v0
+    u1, v1 = np.minimum(u0 + 1, w0 - 1), np.minimum(v0 + 1, h0 - 1)
+    d00, d01 = depth[v0][:, u0], depth[v0][:, u1]
+    d10, d11 = depth[v1][:, u0], depth[v1][:, u1]
+    quad = np.stack([d00, d01, d10, d11])
+    ok = np.all(np.isfinite(quad), 0)
+    with np.errstate(invalid='ignore'):
+        ok &= (quad.max(0) - quad.min(0)) <= DEPTH_EDGE_RATIO * quad.min(0)  # NaN: False
+        out = ((1 - fv)[:, None] * ((1 - fu) * d00 + fu * d01) + fv[:, None] * ((1 - fu) * d10 + fu * d11))
+    return np.where(ok, out, np.nan).astype(np.float32)
 
 
 def project(X_cam: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -120,19 +120,33 @@ class GlobLocNet(nn.Module):
         depth = depth.clamp(max=cfg.depth_max)
         return feats, scene, depth, self.weight_head(feats).flatten(1)
 
-    def forward(self, image: torch.Tensor, K: torch.Tensor, solver: str = 'horn') -> Prediction:
-        """image (B, 3, H, W) RGB on 0..255, K (B, 3, 3) of that image -> Prediction (pose T_map_cam)."""
+    def forward(self, image: torch.Tensor, K: torch.Tensor, solver: str = 'horn',
+                measured_depth: torch.Tensor | None = None) -> Prediction:
+        """image (B, 3, H, W) RGB on 0..255, K (B, 3, 3) of that image -> Prediction (pose T_map_cam).
+        measured_depth (B, 1, h, w) metres at the cells, optional: see with_measured_depth."""
         _, scene, depth, logits = self.heads(image)
         B, _, h, w = scene.shape
         weights = torch.softmax(logits, dim=1)
         uv = cell_centres(h, w, self.config.stride, device=image.device, dtype=image.dtype)
-        cam = backproject(depth.flatten(1), uv, K)
+        cam = backproject(with_measured_depth(depth, measured_depth).flatten(1), uv, K)
         map_pts = scene.flatten(2).transpose(1, 2)
         return Prediction(scene, depth, weights, cam, align_weighted(cam, map_pts, weights, solver))
 
 
+def with_measured_depth(depth: torch.Tensor, measured: torch.Tensor | None) -> torch.Tensor:
+    """The depth head's depth (B, 1, h, w) with a measured depth in its place (RGB-D cameras).
+
+    measured (B, 1, h, w): metres at the cell centres (frames.depth_at_cells), 0 (or NaN) where nothing was
+    measured; those cells keep the head's depth. None: the head's depth everywhere.
+    """
+    if measured is None:
+        return depth
+    return torch.where(measured > 0, measured, depth)
+
+
 class PoseGraph(nn.Module):
-    """The deployable graph: image (B, 3, H, W) 0..255 RGB + K (B, 3, 3) -> T_map_cam (B, 4, 4),
+    """The deployable graph: image (B, 3, H, W) 0..255 RGB + K (B, 3, 3) + depth (B, 1, h, w) metres at the
+    cells (0: not measured, use the depth head; see with_measured_depth) -> T_map_cam (B, 4, 4),
     residual (B,), n_eff (B,), spread (B,). Network, cam coords and Horn alignment in one graph,
     so ONNX / TensorRT run all of it."""
 
@@ -140,8 +154,8 @@ class PoseGraph(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, image: torch.Tensor, K: torch.Tensor):
-        pose = self.net(image, K).pose
+    def forward(self, image: torch.Tensor, K: torch.Tensor, depth: torch.Tensor):
+        pose = self.net(image, K, measured_depth=depth).pose
         bottom = torch.zeros_like(pose.t[:, None, :]).expand(-1, 1, 3)
         last = torch.cat([pose.t[:, :, None], torch.ones_like(pose.t[:, :1, None])], 1)
         T = torch.cat([torch.cat([pose.R, bottom], 1), last], 2)

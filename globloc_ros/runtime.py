@@ -2,6 +2,7 @@
 
     lz = Localizer('models/scene.pt')                # backend='auto': the fastest one available here
     result = lz.localize(rgb, K)                     # rgb (H, W, 3) uint8, K (3, 3) of that image
+    result = lz.localize(rgb, K, depth)              # RGB-D: depth (H, W) metres registered to rgb
     if result.confident: publish(result.T_map_cam, result.covariance)
 
 Model files it reads (each checked at construction, never at the first frame):
@@ -11,8 +12,10 @@ Model files it reads (each checked at construction, never at the first frame):
 - a TensorRT engine (.engine / .plan) with its PATH.json written by `globloc export --format tensorrt`
   (format, sha256, TensorRT version and GPU checked).
 All of them run the same graph, globloc_ros.net.PoseGraph: image (B, 3, H, W) RGB 0..255 at the model's
-fixed input size and K (B, 3, 3) of that image -> T_map_cam (B, 4, 4), residual (B,) m, n_eff (B,),
-spread (B,) m. Normalisation is inside the graph; `preprocess` only resizes, scales K and lays out CHW.
+fixed input size, K (B, 3, 3) of that image and depth (B, 1, h, w) metres at the stride-8 cells (0: not measured,
+the depth head's depth is used there) -> T_map_cam (B, 4, 4), residual (B,) m, n_eff (B,), spread (B,) m.
+Normalisation is inside the graph; `preprocess` only resizes, scales K and lays out CHW; `preprocess_depth`
+samples a measured depth image at the cells (all zeros without one).
 
 `auto` picks: tensorrt (for an engine) > torch on CUDA (fp16 autocast network, fp32 alignment, one captured
 CUDA graph) > onnxruntime (CUDA provider if present, else CPU) > torch on CPU.
@@ -35,13 +38,14 @@ import numpy as np
 import torch
 
 from globloc_ros import align as _align
-from globloc_ros.frames import backproject, cell_centres, scale_intrinsics
+from globloc_ros.frames import backproject, cell_centres, depth_at_cells, scale_intrinsics
+from globloc_ros.net import with_measured_depth
 
 # ------------------------------------------------------------------------------------------ metadata schema
 GRAPH_FORMAT = 'globloc-pose-graph'  # ONNX / TorchScript graphs of PoseGraph
 ENGINE_FORMAT = 'globloc-tensorrt-engine'
-EXPORT_VERSION = 1  # layout of the exported graph and its metadata; bump when inputs/outputs change
-INPUT_NAMES = ('image', 'K')
+EXPORT_VERSION = 2  # layout of the exported graph and its metadata; bump when inputs/outputs change
+INPUT_NAMES = ('image', 'K', 'depth')
 OUTPUT_NAMES = ('T_map_cam', 'residual', 'n_eff', 'spread')
 ENGINE_SUFFIXES = ('.engine', '.plan', '.trt')
 MIN_SPREAD_M = 1e-4  # camera points within 0.1 mm of each other cannot pin a rotation (all-zero weights give 1e-6)
@@ -65,6 +69,7 @@ class Result:
     confident: whether to trust the pose; reason: '' when confident, else why not.
     covariance (6, 6): x, y, z, roll, pitch, yaw order (align.pose_covariance).
     timings_ms: 'preprocess', 'network' (+ alignment for fused graphs), 'alignment' (where separable), 'total'.
+    measured_depth: fraction of the cells whose depth came from the measured depth (0 without one).
     """
     T_map_cam: np.ndarray
     residual: float
@@ -74,6 +79,7 @@ class Result:
     reason: str
     covariance: np.ndarray
     timings_ms: dict = field(default_factory=dict)
+    measured_depth: float = 0.0
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -128,13 +134,15 @@ def check_graph_metadata(meta: dict[str, str], where: str) -> tuple[int, int]:
         std = np.asarray(norm['std'], dtype=np.float64)
         mean = np.asarray(norm['mean'], dtype=np.float64)
         sha = meta['globloc.model_sha256']
+        stride = int(meta['globloc.stride'])
     except (KeyError, ValueError, TypeError) as e:
         raise LocalizerError(f'{where}: globloc metadata incomplete or malformed ({type(e).__name__}: {e}); '
                              're-export it') from e
     if W <= 0 or H <= 0 or mean.shape != (3,) or std.shape != (3,) or not (std > 0).all() \
-            or not np.isfinite(mean).all() or len(sha) != 64:
-        raise LocalizerError(f'{where}: globloc metadata out of range (input size {W}x{H}, mean {mean.tolist()}, '
-                             f'std {std.tolist()}, sha256 {sha!r}); re-export it')
+            or not np.isfinite(mean).all() or len(sha) != 64 \
+            or stride <= 0 or W % stride or H % stride:
+        raise LocalizerError(f'{where}: globloc metadata out of range (input size {W}x{H}, stride {stride}, '
+                             f'mean {mean.tolist()}, std {std.tolist()}, sha256 {sha!r}); re-export it')
     return W, H
 
 
@@ -238,6 +246,41 @@ def preprocess(image: np.ndarray, K: np.ndarray, input_size: tuple[int, int],
     return x, K_t.to(device)
 
 
+def check_depth(depth: np.ndarray, image_shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming the problem unless depth is an (H', W') float array in metres covering the image
+    (image_shape (H, W, ...)): the same size or the same aspect ratio within 1 %."""
+    if not isinstance(depth, np.ndarray):
+        raise ValueError(f'depth must be a numpy array (H, W) float metres, got {type(depth).__name__}')
+    if not np.issubdtype(depth.dtype, np.floating):
+        raise ValueError(f'depth dtype must be float (metres), got {depth.dtype}; 16-bit depth images are '
+                         'millimetres: pass depth / 1000.0')
+    if depth.ndim != 2 or depth.shape[0] < 1 or depth.shape[1] < 1:
+        raise ValueError(f'depth shape must be (H, W), got {depth.shape}')
+    (hd, wd), (h, w) = depth.shape, image_shape[:2]
+    if abs((wd / hd) / (w / h) - 1) > 0.01:
+        raise ValueError(f'depth {wd}x{hd} is not registered to the {w}x{h} image (aspect ratios differ)')
+
+
+def preprocess_depth(depth: np.ndarray | None, image_shape: tuple[int, ...], input_size: tuple[int, int],
+                     stride: int, device: str | torch.device = 'cpu') -> tuple[torch.Tensor, float]:
+    """A measured depth image -> the graph's depth input (1, 1, H'/stride, W'/stride) float32 metres at the cell
+    centres of the resized image (input_size (W', H')), 0 where not measured, and the measured fraction of cells.
+
+    depth (H, W) float metres registered to the image of shape image_shape; 0, negative, NaN and inf are
+    'not measured'. Cells straddling a depth edge are not measured either (frames.depth_at_cells). None: zeros.
+    """
+    W, H = input_size
+    h, w = H // stride, W // stride
+    if depth is None:
+        return torch.zeros(1, 1, h, w, device=device), 0.0
+    check_depth(depth, image_shape)
+    d = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan).astype(np.float32)
+    cells = depth_at_cells(d, W / d.shape[1], H / d.shape[0], h, w, stride)
+    measured = np.isfinite(cells)
+    cells = np.where(measured, cells, 0.0).astype(np.float32)
+    return torch.from_numpy(cells)[None, None].to(device), float(measured.mean())
+
+
 # ------------------------------------------------------------------------------------------ gating
 def gate(T: np.ndarray, residual: float, n_eff: float, spread: float, max_residual_m: float,
          min_effective_points: float) -> tuple[bool, str]:
@@ -269,8 +312,10 @@ def covariance(residual: float, n_eff: float, spread: float) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ backends
-def pose_from_heads(net, scene: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor, K: torch.Tensor):
+def pose_from_heads(net, scene: torch.Tensor, depth: torch.Tensor, logits: torch.Tensor, K: torch.Tensor,
+                    measured_depth: torch.Tensor | None = None):
     """GlobLocNet.forward + PoseGraph after the heads, in float32: (T (B, 4, 4), residual, n_eff, spread).
+    measured_depth (B, 1, h, w) as PoseGraph's depth input (0: use the depth head), or None.
 
     Split out so that the torch backend can time the network and the alignment apart and run the
     network in fp16 while the alignment stays fp32. test_runtime checks it equals PoseGraph exactly.
@@ -278,7 +323,7 @@ def pose_from_heads(net, scene: torch.Tensor, depth: torch.Tensor, logits: torch
     B, _, h, w = scene.shape
     weights = torch.softmax(logits, dim=1)
     uv = cell_centres(h, w, net.config.stride, device=scene.device, dtype=scene.dtype)
-    cam = backproject(depth.flatten(1), uv, K)
+    cam = backproject(with_measured_depth(depth, measured_depth).flatten(1), uv, K)
     pose = _align.align_weighted(cam, scene.flatten(2).transpose(1, 2), weights, 'horn')
     T = torch.zeros(B, 4, 4, dtype=scene.dtype, device=scene.device)
     T[:, :3, :3] = pose.R
@@ -317,40 +362,43 @@ class _TorchBackend:
             _, scene, depth, logits = self.net.heads(x)
         return scene.float(), depth.float(), logits.float()
 
-    def _full(self, x: torch.Tensor, K: torch.Tensor):
-        return pose_from_heads(self.net, *self._heads(x), K)
+    def _full(self, x: torch.Tensor, K: torch.Tensor, d: torch.Tensor):
+        return pose_from_heads(self.net, *self._heads(x), K, d)
 
     def _capture(self) -> None:
         W, H = self.net.config.input_size
         self.static_x = torch.full((1, 3, H, W), 127.0, device='cuda')
         self.static_K = torch.tensor([[[W, 0.0, (W - 1) / 2], [0.0, W, (H - 1) / 2], [0.0, 0.0, 1.0]]],
                                      device='cuda')
+        stride = self.net.config.stride
+        self.static_d = torch.zeros((1, 1, H // stride, W // stride), device='cuda')
         # The warm-up below settles cuDNN's algorithms (benchmark mode, set in _heads) before capture.
         with torch.no_grad():
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(3):
-                    self._full(self.static_x, self.static_K)
+                    self._full(self.static_x, self.static_K, self.static_d)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.static_out = self._full(self.static_x, self.static_K)
+                self.static_out = self._full(self.static_x, self.static_K, self.static_d)
         torch.cuda.synchronize()
 
     @torch.no_grad()
-    def infer(self, x: torch.Tensor, K: torch.Tensor):
+    def infer(self, x: torch.Tensor, K: torch.Tensor, d: torch.Tensor):
         if self.graph is not None:
             t0 = time.perf_counter()
             self.static_x.copy_(x)
             self.static_K.copy_(K)
+            self.static_d.copy_(d)
             self.graph.replay()
             outs = [o.cpu().numpy() for o in self.static_out]  # .cpu() waits for the replay
             return outs, {'network': _ms(t0, time.perf_counter())}
         t0 = time.perf_counter()
         heads = self._heads(x)
         t1 = time.perf_counter()
-        outs = [o.numpy() for o in pose_from_heads(self.net, *heads, K)]
+        outs = [o.numpy() for o in pose_from_heads(self.net, *heads, K, d)]
         return outs, {'network': _ms(t0, t1), 'alignment': _ms(t1, time.perf_counter())}
 
 
@@ -380,9 +428,10 @@ class _OrtBackend:
                                  f'(providers: {ort.get_available_providers()})')
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
-    def infer(self, x: torch.Tensor, K: torch.Tensor):
+    def infer(self, x: torch.Tensor, K: torch.Tensor, d: torch.Tensor):
         t0 = time.perf_counter()
-        outs = self.session.run(list(OUTPUT_NAMES), {'image': x.cpu().numpy(), 'K': K.cpu().numpy()})
+        feed = {'image': x.cpu().numpy(), 'K': K.cpu().numpy(), 'depth': d.cpu().numpy()}
+        outs = self.session.run(list(OUTPUT_NAMES), feed)
         return outs, {'network': _ms(t0, time.perf_counter())}
 
 
@@ -412,7 +461,8 @@ class _TensorRTBackend:
             raise LocalizerError(f'{engine_path}: TensorRT {trt.__version__} could not deserialize the engine')
         self.context = self.engine.create_execution_context()
         W, H = json.loads(meta['graph']['globloc.input_size'])
-        shapes = {'image': (1, 3, H, W), 'K': (1, 3, 3)}
+        stride = int(meta['graph']['globloc.stride'])
+        shapes = {'image': (1, 3, H, W), 'K': (1, 3, 3), 'depth': (1, 1, H // stride, W // stride)}
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32,
                   trt.bool: torch.bool}
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
@@ -427,11 +477,12 @@ class _TensorRTBackend:
             self.context.set_tensor_address(name, buf.data_ptr())
             self.buffers[name] = buf
 
-    def infer(self, x: torch.Tensor, K: torch.Tensor):
+    def infer(self, x: torch.Tensor, K: torch.Tensor, d: torch.Tensor):
         t0 = time.perf_counter()
         stream = torch.cuda.current_stream()
         self.buffers['image'].copy_(x)
         self.buffers['K'].copy_(K)
+        self.buffers['depth'].copy_(d)
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError('TensorRT execute_async_v3 failed')
         outs = [self.buffers[n].float().cpu().numpy() for n in OUTPUT_NAMES]
@@ -575,6 +626,7 @@ class Localizer:
                 raise LocalizerError(str(e)) from e
             self.metadata = {'config': net.config.to_dict(), 'meta': meta}
             self.input_size = tuple(net.config.input_size)
+            self.stride = net.config.stride
             if backend == 'torch':
                 precision = precision or ('fp16' if device == 'cuda' else 'fp32')
                 self._impl = _TorchBackend(net, device, precision, threads)
@@ -588,15 +640,19 @@ class Localizer:
             self._impl = _OrtBackend(path, device, threads)
             self.metadata = self._impl.metadata
             self.input_size = check_graph_metadata(self.metadata, str(path))
+            self.stride = int(self.metadata['globloc.stride'])
             inp = {i.name: i.shape for i in self._impl.session.get_inputs()}
             W, H = self.input_size
-            if set(inp) != set(INPUT_NAMES) or list(inp['image'][1:]) != [3, H, W]:
+            h, w = H // self.stride, W // self.stride
+            if set(inp) != set(INPUT_NAMES) or list(inp['image'][1:]) != [3, H, W] \
+                    or list(inp['depth'][1:]) != [1, h, w]:
                 raise LocalizerError(f'{path}: graph inputs {inp} do not match its metadata '
-                                     f'(image (B, 3, {H}, {W}) and K (B, 3, 3))')
+                                     f'(image (B, 3, {H}, {W}), K (B, 3, 3), depth (B, 1, {h}, {w}))')
         else:
             meta = read_engine_metadata(path)
             self.metadata = meta
             self.input_size = check_graph_metadata(meta['graph'], str(path))
+            self.stride = int(meta['graph']['globloc.stride'])
             built = meta.get('precision', 'fp32')
             if precision not in (None, built):
                 raise LocalizerError(f'{path}: engine was built for {built}, {precision} requested; '
@@ -608,19 +664,23 @@ class Localizer:
         self.precision = precision or 'fp32'
         self._tensor_device = 'cuda' if (device == 'cuda' and backend in ('torch', 'tensorrt')) else 'cpu'
 
-    def localize(self, image: np.ndarray, K: np.ndarray) -> Result:
+    def localize(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None) -> Result:
         """image (H, W, 3) uint8 RGB at any size, K (3, 3) of that image -> Result.
-        Raises ValueError for a bad frame (dtype, shape, non-finite K, non-positive focal length)."""
+        depth (H', W') float metres registered to the image (RGB-D; 0 or NaN where not measured), optional: where
+        given, it replaces the depth head's depth in the alignment (preprocess_depth).
+        Raises ValueError for a bad frame (dtype, shape, non-finite K, non-positive focal length, depth not
+        float or not registered to the image)."""
         cuda = self._tensor_device == 'cuda'
         t0 = time.perf_counter()
         x, Kt = preprocess(image, K, self.input_size, self._tensor_device)
+        d, measured = preprocess_depth(depth, image.shape, self.input_size, self.stride, self._tensor_device)
         if cuda:
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        (T, residual, n_eff, spread), stages = self._impl.infer(x, Kt)
+        (T, residual, n_eff, spread), stages = self._impl.infer(x, Kt, d)
         T = np.asarray(T[0], dtype=np.float64)
         residual, n_eff, spread = float(residual[0]), float(n_eff[0]), float(spread[0])
         confident, reason = gate(T, residual, n_eff, spread, self.max_residual_m, self.min_effective_points)
         cov = covariance(residual, n_eff, spread)
         timings = {'preprocess': _ms(t0, t1), **stages, 'total': _ms(t0, time.perf_counter())}
-        return Result(T, residual, n_eff, spread, confident, reason, cov, timings)
+        return Result(T, residual, n_eff, spread, confident, reason, cov, timings, measured)

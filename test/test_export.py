@@ -45,7 +45,7 @@ def test_onnx_passes_checker_allow_list_and_matches_torch_on_real_frames(onnx_fi
     assert set(ops) <= ex.TENSORRT_OPS and ops['Conv'] == 10 and ops['MatMul'] > 20  # Horn's squarings
     assert not set(ops) & {'Svd', 'Eig', 'Inverse', 'Det', 'If', 'Loop', 'Scan', 'NonZero'}
     inputs = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
-    assert inputs == {'image': [1, 3, 240, 320], 'K': [1, 3, 3]}
+    assert inputs == {'image': [1, 3, 240, 320], 'K': [1, 3, 3], 'depth': [1, 1, 30, 40]}
     assert [o.name for o in model.graph.output] == list(rt.OUTPUT_NAMES)
     # the figures export_onnx reported, then an independent re-check on the same real frames
     assert result.check_frames == 4 and result.max_dt_m < 1e-4 and result.max_drot_deg < 1e-3
@@ -54,7 +54,9 @@ def test_onnx_passes_checker_allow_list_and_matches_torch_on_real_frames(onnx_fi
     assert dt < 1e-4 and dr < 1e-3, (dt, dr)
     # the frames are real and the outputs not trivial: poses differ between frames
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
-    Ts = [sess.run(['T_map_cam'], dict(zip(('image', 'K'), (t.numpy() for t in rt.preprocess(i, K, (320, 240))))))[0]
+    no_depth = np.zeros((1, 1, 30, 40), np.float32)
+    Ts = [sess.run(['T_map_cam'], {**dict(zip(('image', 'K'), (t.numpy() for t in rt.preprocess(i, K, (320, 240))))),
+                                   'depth': no_depth})[0]
           for i, K in bag_frames]
     assert np.abs(Ts[0] - Ts[-1]).max() > 1e-3
 
@@ -75,11 +77,14 @@ def test_dynamic_batch_runs_a_batch_like_single_frames(model_file, bag_frames, t
     ex.export_onnx(model_file, out, dynamic_batch=True, check_frames=bag_frames[:1])
     sess = ort.InferenceSession(str(out), providers=['CPUExecutionProvider'])
     xs, Ks = zip(*(rt.preprocess(i, K, (320, 240)) for i, K in bag_frames))
-    T, residual, n_eff, spread = sess.run(None, {'image': torch.cat(xs).numpy(), 'K': torch.cat(Ks).numpy()})
+    # measured 0..3 m on three quarters of the cells, 0 (not measured) elsewhere
+    d = (torch.rand(4, 1, 30, 40, generator=torch.Generator().manual_seed(0)) * 4 - 1).clamp(min=0)
+    T, residual, n_eff, spread = sess.run(None, {'image': torch.cat(xs).numpy(), 'K': torch.cat(Ks).numpy(),
+                                                 'depth': d.numpy()})
     assert T.shape == (4, 4, 4) and residual.shape == n_eff.shape == spread.shape == (4,)
     graph = PoseGraph(load_model(model_file)[0])
     with torch.no_grad():
-        ref = graph(torch.cat(xs), torch.cat(Ks))[0].numpy()
+        ref = graph(torch.cat(xs), torch.cat(Ks), d)[0].numpy()
     assert np.abs(T[:, :3, 3] - ref[:, :3, 3]).max() < 1e-4
     assert rotation_error_deg(T[:, :3, :3], ref[:, :3, :3]).max() < 1e-3
 
@@ -128,9 +133,11 @@ def test_torchscript_loads_with_metadata_and_matches(model_file, bag_frames, tmp
     assert meta['globloc.model_sha256'] == rt.file_sha256(model_file)
     xs, Ks = zip(*(rt.preprocess(i, K, (320, 240)) for i, K in bag_frames[:2]))
     x, K = torch.cat(xs), torch.cat(Ks)  # a batch of 2 through a module traced with batch 1
+    d = torch.zeros(2, 1, 30, 40)
+    d[1, :, :, :20] = 2.5  # the second frame measured on the left half
     graph = PoseGraph(load_model(model_file)[0])
     with torch.no_grad():
-        got, ref = module(x, K), graph(x, K)
+        got, ref = module(x, K, d), graph(x, K, d)
     for a, b in zip(got, ref):
         assert torch.allclose(a, b, atol=1e-6)
     bad = tmp_path / 'bad.ts'

@@ -50,15 +50,31 @@ def torch_localizer(model_file):
     return rt.Localizer(model_file, backend='torch', device='cpu', max_residual_m=1.0)
 
 
+@pytest.fixture(scope='module')
+def depth_image(frames):
+    """Recorded depth (480, 640) metres, NaN where the sensor saw nothing, of frames[0]: sun3d_frag1's; a tilted
+    plane with a hole when the shared bags are absent."""
+    bag = Path(__file__).resolve().parents[1].parent / 'shared' / 'data' / 'bags' / 'sun3d_frag1'
+    if bag.is_dir():
+        from globloc.bags import read_sequence
+        return read_sequence(bag, max_frames=1, progress=False).frames[0].depth
+    depth = np.tile(np.linspace(1.5, 3.0, 480, dtype=np.float32)[:, None], (1, 640))
+    depth[100:200, 300:400] = np.nan
+    return depth
+
+
 def test_pose_from_heads_equals_pose_graph(model_file, frames):
     net, _ = load_model(model_file)
     x, K = rt.preprocess(*frames[0], net.config.input_size)
-    with torch.no_grad():
-        _, scene, depth, logits = net.heads(x)
-        split = rt.pose_from_heads(net, scene, depth, logits, K)
-        fused = PoseGraph(net)(x, K)
-    for a, b in zip(split, fused):
-        assert torch.equal(a, b)
+    measured = torch.zeros(1, 1, 30, 40)
+    measured[..., :20] = 2.0  # the left half measured, the right half the depth head's
+    for d in (torch.zeros(1, 1, 30, 40), measured):
+        with torch.no_grad():
+            _, scene, depth, logits = net.heads(x)
+            split = rt.pose_from_heads(net, scene, depth, logits, K, d)
+            fused = PoseGraph(net)(x, K, d)
+        for a, b in zip(split, fused):
+            assert torch.equal(a, b)
 
 
 def test_preprocess_resizes_and_scales_K(frames):
@@ -86,6 +102,41 @@ def test_torch_and_onnxruntime_give_the_same_pose(ort_localizer, torch_localizer
     assert set(a.timings_ms) == {'preprocess', 'network', 'total'}
     assert set(b.timings_ms) == {'preprocess', 'network', 'alignment', 'total'}
     assert b.timings_ms['total'] >= b.timings_ms['network'] + b.timings_ms['alignment']
+
+
+def test_measured_depth_replaces_the_depth_head(ort_localizer, torch_localizer, frames, depth_image):
+    image, K = frames[0]
+    mono = torch_localizer.localize(image, K)
+    cells, fraction = rt.preprocess_depth(depth_image, image.shape, (320, 240), 8)
+    assert cells.shape == (1, 1, 30, 40) and (cells >= 0).all() and 0.5 < fraction < 1.0  # real depth has holes
+    assert fraction == pytest.approx(float((cells > 0).float().mean()))
+    rgbd = [lz.localize(image, K, depth_image) for lz in (torch_localizer, ort_localizer)]
+    for r in rgbd:
+        assert r.measured_depth == fraction and mono.measured_depth == 0.0
+        assert np.abs(r.T_map_cam[:3, 3] - mono.T_map_cam[:3, 3]).max() > 1e-3  # the depth made a difference
+    assert np.abs(rgbd[0].T_map_cam - rgbd[1].T_map_cam).max() < 1e-4  # the same in both backends
+    # Millimetres of a 16UC1 image (0 = no reading) converted to metres: the same pose.
+    mm = np.nan_to_num(depth_image * 1000).round().astype(np.uint16)
+    assert np.abs(torch_localizer.localize(image, K, mm / 1000.0).T_map_cam - rgbd[0].T_map_cam).max() < 1e-3
+    # Nothing measured (zeros, NaN): the depth head everywhere, exactly the monocular pose.
+    for empty in (np.zeros_like(depth_image), np.full_like(depth_image, np.nan)):
+        r = torch_localizer.localize(image, K, empty)
+        assert r.measured_depth == 0.0 and np.array_equal(r.T_map_cam, mono.T_map_cam)
+    # A depth image at half the resolution, registered to the same image: sampled at the same places.
+    half, _ = rt.preprocess_depth(depth_image[::2, ::2].copy(), image.shape, (320, 240), 8)
+    both = (half > 0) & (cells > 0)
+    assert both.float().mean() > 0.5 and (half - cells)[both].abs().median() < 0.02
+
+
+@pytest.mark.parametrize('depth, match', [
+    (np.ones((480, 640), np.uint16), r'float \(metres\), got uint16.*depth / 1000'),
+    (np.ones((480, 640, 1), np.float32), r'shape must be \(H, W\)'),
+    (np.ones((480, 480), np.float32), 'not registered to the 640x480 image'),
+    ([[1.0]], 'numpy array'),
+])
+def test_bad_depth_raises_value_error(torch_localizer, frames, depth, match):
+    with pytest.raises(ValueError, match=match):
+        torch_localizer.localize(*frames[0], depth)
 
 
 def test_onnx_cache_is_reused_and_rebuilt_when_damaged(ort_localizer, model_file, cache_dir):

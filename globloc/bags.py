@@ -47,7 +47,7 @@ from globloc_ros import imgmsg
 
 EDGE_MSGTYPE = 'globloc_msgs/msg/PoseGraphEdge'
 EDGE_MSG_FILE = Path(__file__).with_name('msg') / 'PoseGraphEdge.msg'
-DEPTH_ENCODINGS = ('32FC1', '16UC1')
+DEPTH_ENCODINGS = tuple(imgmsg.DEPTH_ENCODINGS)
 _MCAP_MAGIC = b'\x89MCAP0\r\n'
 _STORAGE_SUFFIXES = ('.mcap', '.db3')
 
@@ -295,13 +295,6 @@ class _Messages:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _byte_array(data) -> np.ndarray:
-    """uint8[] payload as (N,) uint8: numpy from rosbags, array.array or bytes from rclpy."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return np.frombuffer(data, dtype=np.uint8)
-    return np.asarray(data, dtype=np.uint8)
-
-
 def _decode_image(msg, msgtype: str, where: str) -> np.ndarray:
     """Image or CompressedImage -> (H, W, 3) uint8 RGB (writable) with globloc_ros.imgmsg.
 
@@ -324,30 +317,14 @@ def _decode_image(msg, msgtype: str, where: str) -> np.ndarray:
     return rgb if rgb.flags.writeable else rgb.copy()  # rgb8 comes back as a view of the message buffer
 
 
-def _rows(msg, channels: int, dtype, where: str) -> np.ndarray:
-    """Image payload -> (H, W[, C]) array, honouring `step` (row padding) and `is_bigendian`."""
-    h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    item = np.dtype(dtype).itemsize * channels
-    data = _byte_array(msg.data)
-    if step < w * item or data.size < step * h:
-        raise ValueError(f'{where}: {msg.encoding} image {w}x{h} with step {step} needs {step * h} bytes, '
-                         f'has {data.size}')
-    rows = data[:step * h].reshape(h, step)[:, :w * item]
-    dt = np.dtype(dtype).newbyteorder('>' if msg.is_bigendian else '<')
-    arr = np.ascontiguousarray(rows).view(dt).astype(dtype, copy=False)
-    return arr.reshape(h, w, channels) if channels > 1 else arr.reshape(h, w)
-
-
 def decode_depth(msg, where: str) -> np.ndarray:
     """Image 32FC1 (metres) or 16UC1 (millimetres) -> (H, W) float32 metres, NaN where 0, NaN or inf."""
-    if msg.encoding == '32FC1':
-        d = _rows(msg, 1, np.float32, where).copy()
-    elif msg.encoding == '16UC1':
-        d = _rows(msg, 1, np.uint16, where).astype(np.float32) / np.float32(1000.0)
-    else:
+    if msg.encoding not in DEPTH_ENCODINGS:
         raise BagError(f'{where}: unknown depth encoding {msg.encoding!r} (expected one of {DEPTH_ENCODINGS})')
-    d[~(np.isfinite(d) & (d > 0))] = np.nan
-    return d
+    try:
+        return imgmsg.depth_to_metres(msg)
+    except ValueError as e:
+        raise ValueError(f'{where}: {e}') from e
 
 
 def decode_landmarks(msg, where: str) -> np.ndarray:
@@ -360,7 +337,7 @@ def decode_landmarks(msg, where: str) -> np.ndarray:
     n = int(msg.width) * int(msg.height)
     dt = np.dtype({'names': list(names), 'formats': ['>f4' if msg.is_bigendian else '<f4'] * 5,
                    'offsets': [offsets[k] for k in names], 'itemsize': int(msg.point_step)})
-    data = _byte_array(msg.data)
+    data = imgmsg.byte_array(msg.data)
     if data.size < n * msg.point_step:
         raise ValueError(f'{where}: PointCloud2 of {n} points needs {n * msg.point_step} bytes, has {data.size}')
     rec = np.frombuffer(data[:n * msg.point_step].tobytes(), dtype=dt)

@@ -6,8 +6,10 @@ that is wrong, so the node can log it once and show it in /diagnostics.
 
     rgb = image_to_rgb(msg)                  # (H, W, 3) uint8 RGB, a view into msg.data for rgb8
     rgb = compressed_to_rgb(msg)             # jpeg / png through cv2.imdecode
+    depth = depth_to_metres(msg)             # 32FC1 metres / 16UC1 millimetres -> (H, W) float32 m, NaN = none
     cam = Intrinsics.from_camera_info(info)  # K (3, 3) float64 pixels, size (W, H), distortion
     rgb = cam.rectify(rgb)                   # undistorts when CameraInfo.d is non-zero, else a no-op
+    depth = cam.rectify(depth, nearest=True) # the same for a depth image registered to it
     check_size(rgb, cam)                     # image size must equal CameraInfo width/height
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import cv2
 import numpy as np
 
 IMAGE_ENCODINGS = {'rgb8': 3, 'bgr8': 3, 'mono8': 1}  # encoding -> channels
+DEPTH_ENCODINGS = {'32FC1': np.float32, '16UC1': np.uint16}  # metres, millimetres (REP-118)
 COMPRESSED_FORMATS = ('jpeg', 'jpg', 'png')
 DISTORTION_MODELS = ('plumb_bob', 'rational_polynomial')  # what cv2.initUndistortRectifyMap handles
 
@@ -64,6 +67,38 @@ def compressed_to_rgb(msg) -> np.ndarray:
     if bgr is None or bgr.size == 0:
         raise ValueError(f'CompressedImage.data ({data.size} bytes) is not a decodable {fmt} image (corrupt?)')
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def byte_array(data) -> np.ndarray:
+    """uint8[] payload as (N,) uint8: numpy from rosbags, array.array or bytes from rclpy."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return np.frombuffer(data, dtype=np.uint8)
+    return np.asarray(data, dtype=np.uint8)
+
+
+def depth_to_metres(msg) -> np.ndarray:
+    """sensor_msgs/Image 32FC1 (metres) or 16UC1 (millimetres) -> (H, W) float32 metres, NaN where 0, NaN or
+    inf (no reading). Honours step (row padding) and is_bigendian. Raises ValueError naming the field."""
+    enc = str(msg.encoding)
+    if enc not in DEPTH_ENCODINGS:
+        raise ValueError(f'Image.encoding {enc!r} is not a depth encoding (expected one of '
+                         f'{", ".join(DEPTH_ENCODINGS)})')
+    dtype = np.dtype(DEPTH_ENCODINGS[enc])
+    h, w, step = int(msg.height), int(msg.width), int(msg.step)
+    if h <= 0 or w <= 0:
+        raise ValueError(f'Image.width/height: zero-size depth image ({w}x{h})')
+    if step < w * dtype.itemsize:
+        raise ValueError(f'Image.step {step} is less than width*{dtype.itemsize} = {w * dtype.itemsize} bytes '
+                         f'for {enc}')
+    data = byte_array(msg.data)
+    if data.size < step * h:
+        raise ValueError(f'Image.data has {data.size} bytes but step*height = {step}*{h} = {step * h}')
+    rows = np.ascontiguousarray(data[:step * h].reshape(h, step)[:, :w * dtype.itemsize])
+    d = rows.view(dtype.newbyteorder('>' if msg.is_bigendian else '<')).astype(np.float32)
+    if enc == '16UC1':
+        d /= np.float32(1000.0)
+    d[~(np.isfinite(d) & (d > 0))] = np.nan
+    return d
 
 
 @dataclass
@@ -118,14 +153,15 @@ class Intrinsics:
         return (other is not None and self.size == other.size and self.model == other.model
                 and np.array_equal(self.K, other.K) and np.array_equal(self.d, other.d))
 
-    def rectify(self, rgb: np.ndarray) -> np.ndarray:
-        """Undistort `rgb` (H, W, 3) to the pinhole camera K (same K, same size); no-op without distortion.
-        The remap tables are computed once per Intrinsics (about a millisecond per frame afterwards)."""
+    def rectify(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
+        """Undistort `image` (H, W[, C]) of this camera's size to the pinhole camera K (same K, same size); no-op
+        without distortion. nearest: nearest-neighbour lookup, for depth (no blending across depth edges or
+        holes). The remap tables are computed once per Intrinsics (about a millisecond per frame afterwards)."""
         if not self.distorted:
-            return rgb
+            return image
         if self._maps is None:
             self._maps = cv2.initUndistortRectifyMap(self.K, self.d, None, self.K, self.size, cv2.CV_16SC2)
-        return cv2.remap(rgb, self._maps[0], self._maps[1], cv2.INTER_LINEAR)
+        return cv2.remap(image, self._maps[0], self._maps[1], cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR)
 
 
 def check_size(rgb: np.ndarray, cam: Intrinsics) -> None:

@@ -5,10 +5,13 @@ A thin rclpy shell around globloc_ros.runtime.Localizer (which never imports rcl
     subscriptions (executor thread)      worker thread                       outputs
     image / compressed  -> one-slot mailbox -> decode, check, localize -> ~/pose, ~/pose_with_covariance,
     camera_info         -> latest Intrinsics    gate (confident, finite)    ~/path, TF, initialpose
-                                                                          /diagnostics (timer, 1 Hz)
+    depth (optional)    -> last 30 by stamp  -> the frame's depth image     /diagnostics (timer, 1 Hz)
 
 Callbacks only store messages, so they never block; the mailbox keeps the newest frame and counts
-the ones it replaces as dropped, so memory stays bounded under any input rate. Parameters are
+the ones it replaces as dropped, so memory stays bounded under any input rate. With depth_topic set (an RGB-D
+camera), the depth image with the frame's stamp (within depth_tolerance; the worker waits up to depth_wait for it)
+replaces the depth head's depth in the alignment; a frame without one, or with a bad one, is localized from the
+image alone and counted (frames_without_depth, last_reason_depth). Parameters are
 declared in one table (PARAMETERS) and read once at start; an invalid value, a missing tf2_ros or a
 missing/corrupt model ends the process with exit code 2 and one line naming the cause.
 
@@ -21,7 +24,8 @@ Outputs (node name `globloc` by default), all stamped with the image's stamp, in
 - /diagnostics: counters frames_{received,published,dropped,no_camera_info,bad_camera_info,bad_image,
   failed,rejected}, tf_failures, last_reason_<category>, rate_hz, p50/p99 of latency_stamp_to_publish
   (meaningful for live or --restamp'ed stamps), latency_receive_to_publish, processing, localize and
-  node_overhead (receive -> publish minus localize), the last residual_m / n_eff / spread_m.
+  node_overhead (receive -> publish minus localize), the last residual_m / n_eff / spread_m; with depth_topic:
+  frames_with_depth, frames_without_depth, last_reason_depth, the last measured_depth (fraction of cells).
 A frame is published only when the Localizer calls it confident and the pose is finite and rigid.
 
     globloc-localizer --ros-args -p model:=model.pt -p publish_tf:=map_to_odom
@@ -87,6 +91,12 @@ PARAMETERS = (
     Param('compressed_topic', '/camera/image_raw/compressed', 'sensor_msgs/CompressedImage topic (jpeg, png)'),
     Param('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo topic; the latest one is used'),
     Param('image_transport', 'raw', 'which image topic to subscribe', ('raw', 'compressed')),
+    Param('depth_topic', '', 'RGB-D: sensor_msgs/Image depth registered to the colour image (same size and stamps; '
+          '32FC1 m or 16UC1 mm), used in place of the depth head; empty: the image alone'),
+    Param('depth_tolerance', 0.01, 'seconds: the largest stamp difference between an image and its depth image',
+          low=0.0, high=1.0),
+    Param('depth_wait', 0.05, "seconds to wait for a frame's depth image before localizing without it",
+          low=0.0, high=1.0),
     Param('map_frame', 'map', 'frame of the published poses'),
     Param('odom_frame', 'odom', 'odometry frame for publish_tf=map_to_odom'),
     Param('base_frame', '', "robot base frame: /initialpose carries the base pose (looked up base->camera "
@@ -185,6 +195,33 @@ class Mailbox:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+
+class StampBuffer:
+    """The last `size` stamped messages; find() returns the one nearest a stamp, waiting for it if need be."""
+
+    def __init__(self, size: int = 30):
+        self._cond = threading.Condition()
+        self._items: deque = deque(maxlen=size)  # (stamp ns, message), in arrival order
+
+    def put(self, msg) -> None:
+        with self._cond:
+            self._items.append((_stamp_ns(msg.header.stamp), msg))
+            self._cond.notify_all()
+
+    def find(self, stamp_ns: int, tolerance_ns: int, timeout: float):
+        """The message stamped within tolerance_ns of stamp_ns (the nearest), or None once `timeout` seconds have
+        passed or a message stamped after stamp_ns + tolerance_ns has arrived without a match."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                best = min(self._items, key=lambda item: abs(item[0] - stamp_ns), default=None)
+                if best is not None and abs(best[0] - stamp_ns) <= tolerance_ns:
+                    return best[1]
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._items and self._items[-1][0] > stamp_ns + tolerance_ns):
+                    return None
+                self._cond.wait(left)
 
 
 class Stats:
@@ -295,6 +332,9 @@ class LocalizerNode(Node):
             self.create_subscription(CompressedImage, self.image_topic, self._on_image, qos)
         self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
                                  QoSProfile(depth=2, reliability=qos.reliability))
+        self._depths = StampBuffer()
+        if self.cfg['depth_topic']:
+            self.create_subscription(Image, self.cfg['depth_topic'], self._depths.put, qos)
         self.create_service(Trigger, '~/relocalize', self._on_relocalize)
         self.create_timer(self.cfg['diagnostics_period'], self._publish_diagnostics)
         if self.cfg['relocalize_on_start']:
@@ -304,7 +344,9 @@ class LocalizerNode(Node):
         self._worker.start()
         lz = self.localizer
         self.get_logger().info(
-            f'localizing {self.image_topic} + {self.cfg["camera_info_topic"]} with {self.cfg["model"]} '
+            f'localizing {self.image_topic} + {self.cfg["camera_info_topic"]}'
+            + (f' + depth {self.cfg["depth_topic"]}' if self.cfg['depth_topic'] else '')
+            + f' with {self.cfg["model"]} '
             f'({lz.backend}, {lz.device}, {lz.precision}, input {lz.input_size[0]}x{lz.input_size[1]}); '
             f'poses on {self.pub_pose.topic_name}, TF {self.cfg["publish_tf"]}')
 
@@ -398,8 +440,8 @@ class LocalizerNode(Node):
                 self._reject('failed', f'{type(e).__name__}: {e}')
 
     def _reject(self, category: str, reason: str) -> None:
-        """Count a problem (a frame that published nothing, or a TF that could not be published) with its
-        reason, shown in /diagnostics; log it at most every 5 s per category."""
+        """Count a problem (a frame that published nothing, a TF that could not be published, a frame without
+        its depth) with its reason, shown in /diagnostics; log it at most every 5 s per category."""
         self.stats.count(category, reason)
         now = time.monotonic()
         if now - self._logged_at.get(category, -1e9) >= 5.0:
@@ -420,9 +462,10 @@ class LocalizerNode(Node):
             rgb = cam.rectify(rgb)
         except ValueError as e:
             return self._reject('bad_image', str(e))
+        depth = self._depth_for(msg.header.stamp, cam) if self.cfg['depth_topic'] else None
         t_decoded = time.perf_counter()
         try:
-            result = self.localizer.localize(rgb, cam.K)
+            result = self.localizer.localize(rgb, cam.K, depth)
         except ValueError as e:
             return self._reject('bad_image', f'localizer: {e}')
         t_localized = time.perf_counter()
@@ -431,6 +474,8 @@ class LocalizerNode(Node):
         with self.stats.lock:
             self.stats.last = {'residual_m': float(result.residual), 'n_eff': float(result.n_eff),
                                'spread_m': float(result.spread)}
+            if self.cfg['depth_topic']:
+                self.stats.last['measured_depth'] = result.measured_depth
             self.stats.confident.append(bool(result.confident))
         if not result.confident:
             return self._reject('rejected', result.reason or 'not confident')
@@ -448,6 +493,26 @@ class LocalizerNode(Node):
             # What the node adds to the Localizer between receiving the image and publishing the pose.
             self.stats.overhead_ms.append((t1 - t_received - (t_localized - t_decoded)) * 1e3)
             self.stats.stamp_to_publish_ms.append(age_ms)
+
+    def _depth_for(self, stamp, cam: imgmsg.Intrinsics) -> np.ndarray | None:
+        """The depth image (H, W) metres, NaN = none, rectified like the colour image, stamped with `stamp`;
+        None (counted, with the reason) when there is none or it is unusable."""
+        topic = self.cfg['depth_topic']
+        msg = self._depths.find(_stamp_ns(stamp), round(self.cfg['depth_tolerance'] * 1e9), self.cfg['depth_wait'])
+        if msg is None:
+            self._reject('without_depth', f'no depth image on {topic} within {self.cfg["depth_tolerance"]:g} s of '
+                                          f'the image stamp {stamp.sec}.{stamp.nanosec:09d}')
+            return None
+        try:
+            depth = imgmsg.depth_to_metres(msg)
+            if depth.shape[::-1] != cam.size:
+                raise ValueError(f'depth image is {depth.shape[1]}x{depth.shape[0]} but CameraInfo.width/height '
+                                 f'says {cam.size[0]}x{cam.size[1]} (register the depth to the colour camera)')
+        except ValueError as e:
+            self._reject('without_depth', f'{topic}: {e}')
+            return None
+        self.stats.count('with_depth')
+        return cam.rectify(depth, nearest=True)
 
     def _publish(self, image_header, T: np.ndarray, cov: np.ndarray) -> None:
         header = Header(stamp=image_header.stamp, frame_id=self.cfg['map_frame'])
@@ -535,6 +600,8 @@ class LocalizerNode(Node):
             'localize_p50_ms': f'{loc[0]:.2f}', 'localize_p99_ms': f'{loc[1]:.2f}',
             'node_overhead_p50_ms': f'{over[0]:.2f}', 'node_overhead_p99_ms': f'{over[1]:.2f}',
             'confident_fraction': f'{conf:.3f}',
+            **({'frames_with_depth': counts['with_depth'], 'frames_without_depth': counts['without_depth'],
+                'last_reason_depth': reasons.get('without_depth', '')} if self.cfg['depth_topic'] else {}),
             **{k: f'{v:.4g}' for k, v in last.items()},
             **{f'last_reason_{c}': reasons.get(c, '') for c in CATEGORIES},
             'backend': lz.backend, 'device': lz.device, 'precision': lz.precision,

@@ -125,6 +125,37 @@ def test_distorted_camera_is_undistorted_not_ignored():
     err_rect = np.abs(out[inner].astype(int) - pinhole[inner]).mean()
     assert err_rect < 0.5 * err_raw
 
+    # Depth through the same lens (same maps as above): the nearest lookup keeps every value one of the recorded
+    # ones, where the linear one blends the 1 m / 3 m edges of the checkerboard into depths nothing has.
+    depth = np.where(pinhole[..., 0] > 0, 3.0, 1.0).astype(np.float32)
+    seen = cv2.remap(depth, map_x, map_y, cv2.INTER_NEAREST)
+    assert set(np.unique(cam.rectify(seen, nearest=True)[inner])) == {1.0, 3.0}
+    assert len(np.unique(cam.rectify(seen)[inner])) > 10
+
+
+def test_depth_millimetres_and_metres():
+    mm = np.array([[0, 1500, 65535], [1, 2, 3]], np.uint16)
+    msg = Image(height=2, width=3, encoding='16UC1', is_bigendian=0, step=6, data=mm.tobytes())
+    np.testing.assert_array_equal(imgmsg.depth_to_metres(msg),
+                                  np.array([[np.nan, 1.5, 65.535], [0.001, 0.002, 0.003]], np.float32))
+    m = np.array([[1.25, -1.0, np.inf, np.nan]], np.float32)
+    msg = Image(height=1, width=4, encoding='32FC1', is_bigendian=0, step=16, data=m.tobytes())
+    np.testing.assert_array_equal(imgmsg.depth_to_metres(msg), [[1.25, np.nan, np.nan, np.nan]])
+
+
+@pytest.mark.parametrize('change, field', [
+    (dict(encoding='rgb8'), "Image.encoding 'rgb8' is not a depth encoding"),
+    (dict(step=4), r'Image.step 4 is less than width\*2'),
+    (dict(data=bytes(10)), 'Image.data has 10 bytes but step\\*height'),
+    (dict(width=0), 'zero-size'),
+])
+def test_bad_depth_raises_naming_the_field(change, field):
+    msg = Image(height=2, width=3, encoding='16UC1', is_bigendian=0, step=6, data=bytes(12))
+    for k, v in change.items():
+        setattr(msg, k, v)
+    with pytest.raises(ValueError, match=field):
+        imgmsg.depth_to_metres(msg)
+
 
 def _distort_maps(K, d, size):
     """For each distorted pixel, where it comes from in the pinhole image (the inverse of undistortion)."""

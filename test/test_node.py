@@ -35,6 +35,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.time import Time  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
+from std_msgs.msg import Header  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from globloc_ros import frames as fr  # noqa: E402
@@ -43,6 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOCALIZER = BIN / 'globloc-localizer'
 CAM_B = 'camera_b_optical'  # TestOdomCompressed's camera frame: its TF tree shares nothing with TestCameraTF's
+DEPTH_TOPIC = '/camera/depth/image_raw'
 PERMISSIVE = ['-p', 'max_residual_m:=1000000.0', '-p', 'min_effective_points:=0.0']
 T_BASE_CAM = fr.pose_from_xyz_quat([0.1, 0.0, 0.3], [-0.5, 0.5, -0.5, 0.5])  # optical frame on a robot base
 A_ODOM_MAP = fr.pose_from_xyz_quat([1.0, -2.0, 0.0], [0.0, 0.0, np.sin(0.3), np.cos(0.3)])  # odom drifted from map
@@ -105,6 +107,7 @@ class Peer:
         self.pub_image = self.node.create_publisher(Image, '/camera/image_raw', reliable)
         self.pub_compressed = self.node.create_publisher(CompressedImage, '/camera/image_raw/compressed', reliable)
         self.pub_info = self.node.create_publisher(CameraInfo, '/camera/camera_info', reliable)
+        self.pub_depth = self.node.create_publisher(Image, DEPTH_TOPIC, reliable)
         self.lock = threading.Lock()
         self.poses: dict[int, PoseStamped] = {}
         self.poses_cov: dict[int, PoseWithCovarianceStamped] = {}
@@ -217,6 +220,14 @@ def image_msg(rgb: np.ndarray, encoding: str = 'rgb8') -> Image:
     h, w = rgb.shape[:2]
     return Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=w * 3,
                  data=np.ascontiguousarray(rgb).tobytes())
+
+
+def depth_msg(depth_m: np.ndarray, stamp_ns: int) -> Image:
+    """16UC1 millimetres (0 = no reading), as RGB-D drivers publish it."""
+    mm = np.nan_to_num(depth_m * 1000.0).round().astype(np.uint16)
+    h, w = mm.shape
+    return Image(header=Header(stamp=Time(nanoseconds=stamp_ns).to_msg()), height=h, width=w, encoding='16UC1',
+                 is_bigendian=0, step=w * 2, data=mm.tobytes())
 
 
 def camera_info_msg(K: np.ndarray, w: int, h: int) -> CameraInfo:
@@ -591,3 +602,55 @@ def _transform(T: np.ndarray):
     from globloc_ros.node import _transform_msg
     out: Transform = _transform_msg(T)
     return out
+
+
+# ------------------------------------------------------------------------------------------------ RGB-D
+class TestDepth:
+    @pytest.fixture(scope='class')
+    def node(self, peer, setup, tmp_path_factory):
+        log = tmp_path_factory.mktemp('node_depth') / 'node.log'
+        node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={DEPTH_TOPIC}',
+                                 '-p', 'depth_wait:=0.5', '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
+        assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
+        yield node
+        assert node.stop() == 0, node.output()
+
+    def test_the_frames_depth_image_replaces_the_depth_head(self, node, peer, setup):
+        lz = offline(setup['model'])
+        frames = setup['frames'][:6]
+        for k, f in enumerate(frames):
+            stamp = f.stamp_ns + 20_000_000_000
+            msg = depth_msg(f.depth, stamp)
+            if k % 2 == 0:  # depth before the image, or after it (the node waits up to depth_wait for it)
+                peer.pub_depth.publish(msg)
+            peer.send(f, stamp_ns=stamp)
+            if k % 2 == 1:
+                time.sleep(0.05)
+                peer.pub_depth.publish(msg)
+            assert peer.wait(lambda: stamp in peer.poses, 10), node.output()
+            rgbd = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000)  # what survives 16UC1
+            assert_pose_close(pose_matrix(peer.poses[stamp].pose), rgbd.T_map_cam)
+            assert np.linalg.norm(rgbd.T_map_cam[:3, 3] - lz.localize(f.image, f.K).T_map_cam[:3, 3]) > 1e-3
+        diag = peer.fresh_diag()
+        assert int(diag['frames_with_depth']) == len(frames) and int(diag['frames_without_depth']) == 0
+        assert float(diag['measured_depth']) > 0.5
+
+    def test_a_frame_without_usable_depth_is_localized_from_the_image(self, node, peer, setup):
+        lz = offline(setup['model'])
+        f = setup['frames'][7]
+        before = int(peer.fresh_diag()['frames_without_depth'])
+        stamp = peer.send(f, stamp_ns=f.stamp_ns + 30_000_000_000)  # no depth at all: published after depth_wait
+        assert peer.wait(lambda: stamp in peer.poses, 10), node.output()
+        assert_pose_close(pose_matrix(peer.poses[stamp].pose), lz.localize(f.image, f.K).T_map_cam)
+        diag = peer.fresh_diag()
+        assert int(diag['frames_without_depth']) == before + 1
+        assert f'no depth image on {DEPTH_TOPIC} within 0.01 s' in diag['last_reason_depth']
+        # A depth image of another size is not registered to this camera: reported, the image alone is used.
+        stamp = f.stamp_ns + 31_000_000_000
+        peer.pub_depth.publish(depth_msg(f.depth[:, :-8], stamp))
+        peer.send(f, stamp_ns=stamp)
+        assert peer.wait(lambda: stamp in peer.poses, 10), node.output()
+        assert_pose_close(pose_matrix(peer.poses[stamp].pose), lz.localize(f.image, f.K).T_map_cam)
+        diag = peer.fresh_diag()
+        assert int(diag['frames_without_depth']) == before + 2
+        assert 'CameraInfo.width/height says' in diag['last_reason_depth'] and node.alive()

@@ -8,7 +8,7 @@ STAMP := $(VENV)/.globloc-stamp
 export ROS_LOG_DIR ?= $(CURDIR)/.ros-log
 export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
-.PHONY: venv test demo demo-train bench clean
+.PHONY: venv test demo demo-rgbd demo-train bench clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,9 @@ test: venv
 
 demo: venv
 	$(VENV)/bin/python -m globloc_ros.demo
+
+demo-rgbd: venv
+	$(VENV)/bin/python -m globloc_ros.demo --depth
 
 demo-train: venv
 	$(VENV)/bin/python -m globloc_ros.demo --train

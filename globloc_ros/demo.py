@@ -6,6 +6,8 @@ models/ (or, with --train, train one from the bags with the shipped model's reco
 else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while this
 process collects the published poses and the node's diagnostics; (5) print frames, poses
 published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
+With --depth the replay also publishes the recorded depth and the node uses it (RGB-D, node parameter
+depth_topic) in place of the depth head.
 Every child process runs in its own process group and is killed on exit, whatever happens.
 """
 from __future__ import annotations
@@ -113,15 +115,18 @@ def _ament_prefix(prefix: Path) -> Path:
     return prefix
 
 
-def start_node(model: Path, out: Path, env: dict, use_launch: bool, params_file: Path | None) -> subprocess.Popen:
+def start_node(model: Path, out: Path, env: dict, use_launch: bool, params_file: Path | None,
+               overrides: dict[str, str]) -> subprocess.Popen:
     if use_launch:
         env['AMENT_PREFIX_PATH'] = os.pathsep.join(
             [str(_ament_prefix(out / 'ament_prefix'))] + [p for p in [env.get('AMENT_PREFIX_PATH')] if p])
         cmd = [VENV_BIN / 'ros2', 'launch', 'globloc_ros', 'localize.launch.py', f'model:={model}']
         cmd += [f'params_file:={params_file}'] if params_file else []
+        cmd += [f'{k}:={v}' for k, v in overrides.items()]
     else:
         cmd = [VENV_BIN / 'globloc-localizer', '--ros-args', '-p', f'model:={model}']
         cmd += ['--params-file', params_file] if params_file else []
+        cmd += [a for k, v in overrides.items() for a in ('-p', f'{k}:={v}')]
     print('$ ' + ' '.join(map(str, cmd)), flush=True)
     log = open(out / 'node.log', 'w')
     return subprocess.Popen([str(c) for c in cmd], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -211,7 +216,7 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
         'latency_p50_ms': diag.get('latency_receive_to_publish_p50_ms'),
         'latency_p99_ms': diag.get('latency_receive_to_publish_p99_ms'),
         'localize_p50_ms': diag.get('localize_p50_ms'), 'localize_p99_ms': diag.get('localize_p99_ms'),
-        'backend': diag.get('backend'),
+        'backend': diag.get('backend'), 'frames_with_depth': diag.get('frames_with_depth'),
         'frames_per_s': _pose_rate(list(collector.received_at.values())),
         'diagnostics': diag,
     })
@@ -225,14 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='globloc_ros.demo', description=__doc__.splitlines()[0])
     parser.add_argument('--scene', type=Path, default=ROOT / 'data' / 'scene')
     parser.add_argument('--model', type=Path, default=SHIPPED_MODEL)
-    parser.add_argument('--out', type=Path, default=ROOT / 'out' / 'demo')
+    parser.add_argument('--out', type=Path, default=None, help='default out/demo (out/demo-rgbd with --depth)')
     parser.add_argument('--train', action='store_true', help='train the model from the bags first')
     parser.add_argument('--frames', type=int, default=None, help='frames per sequence for a new scene')
     parser.add_argument('--rate', type=float, default=30.0, help='replay rate, frames/s')
     parser.add_argument('--params-file', type=Path, default=None,
                         help='node parameters (default: the package config/localizer.yaml)')
     parser.add_argument('--no-launch', action='store_true', help='start the console script, not ros2 launch')
+    parser.add_argument('--depth', action='store_true',
+                        help='RGB-D: replay the recorded depth too; the node uses it in place of the depth head')
     args = parser.parse_args(argv)
+    args.out = args.out or ROOT / 'out' / ('demo-rgbd' if args.depth else 'demo')
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     node = replay = collector = None
@@ -250,13 +258,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
         use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
         _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
-        node = start_node(model, args.out, env, use_launch, args.params_file)
+        from globloc.bags import Topics
+        # Image and depth go out together (about 380 KB); best-effort delivery lost most of them here, so RGB-D
+        # runs the node's camera subscriptions reliable.
+        overrides = {'depth_topic': Topics.depth, 'qos': 'reliable'} if args.depth else {}
+        node = start_node(model, args.out, env, use_launch, args.params_file, overrides)
         collector = Collector()
         _wait_for_node(collector, node, args.out / 'node.log')
 
         _step(f'replaying {bags[-1].name} ({len(gt)} frames) at {args.rate:g} frames/s')
-        replay = subprocess.Popen([str(VENV_BIN / 'globloc-replay'), str(bags[-1]), '--rate-hz', str(args.rate)],
-                                  env=env, start_new_session=True)
+        topics = ['--topics', Topics.image, Topics.compressed, Topics.camera_info, Topics.depth] if args.depth else []
+        replay = subprocess.Popen([str(VENV_BIN / 'globloc-replay'), str(bags[-1]), '--rate-hz', str(args.rate),
+                                   *topics], env=env, start_new_session=True)
         _progress_until_done(replay, collector, len(gt))
         time.sleep(1.0)  # the last frames are still in flight
         if replay.returncode != 0:
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             raise DemoError(f'the node exited early with code {node.returncode}; see {args.out / "node.log"}')
 
         summary = report(gt, collector, args.out)
-        _print_summary(summary, args.out, time.monotonic() - t_start, args.rate)
+        _print_summary(summary, args.out, time.monotonic() - t_start, args.rate, args.depth)
         if summary['poses_published'] == 0:
             raise DemoError('the node published no pose')
         return 0
@@ -307,12 +320,13 @@ def _progress_until_done(replay: subprocess.Popen, collector: Collector, total: 
         bar.update(len(collector.poses) - bar.n)
 
 
-def _print_summary(s: dict, out: Path, wall_s: float, rate: float) -> None:
+def _print_summary(s: dict, out: Path, wall_s: float, rate: float, depth: bool = False) -> None:
     def fmt(v, spec):
         return format(float(v), spec) if v not in (None, '') else 'n/a'
-    print('\n== globloc demo: held-out sequence through the ROS 2 node')
+    print('\n== globloc demo: held-out sequence through the ROS 2 node' + (' (RGB-D)' if depth else ''))
     rows = [
         ('frames', s['frames']), ('poses published', s['poses_published']),
+        *([('localized with their depth image', s.get('frames_with_depth'))] if depth else []),
         ('rejected (not confident)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
         ('median translation error', fmt(s['median_translation_m'] * 100, '.1f') + ' cm'),
         ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),

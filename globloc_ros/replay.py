@@ -6,7 +6,8 @@
 Messages are read raw with rosbags (globloc.bags finds the bags) and published as the serialized CDR
 they were recorded as, so no field-by-field conversion can change them; header stamps stay the
 recorded ones unless --restamp. Timing follows the bags' log times times 1/R (--rate), or a fixed
-image rate (--rate-hz; the other topics go out with their image), or no waiting at all (--fast).
+image rate (--rate-hz; the other topics, the depth image included, go out with their image), or no waiting at
+all (--fast).
 Several bags play one after the other, each with its own time base. Before the first message it
 waits (bounded, --wait) until every image topic has a subscriber.
 
@@ -136,7 +137,8 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
     if restamp and not all(header_first.values()):
         raise ValueError('--restamp needs messages that start with a header; not so for '
                          + ', '.join(t for t, h in header_first.items() if not h))
-    image_topics = [t for _, chosen, _ in loaded for t, m in chosen.items() if m in IMAGE_TYPES]
+    # Camera images set the pace; a depth image (also a sensor_msgs/Image) goes out with its colour image.
+    image_topics = [t for _, chosen, _ in loaded for t, m in chosen.items() if m in IMAGE_TYPES and t != Topics.depth]
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and not all(pubs[t].get_subscription_count() for t in image_topics):
         time.sleep(0.05)
@@ -155,16 +157,18 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
         for path, chosen, msgs in loaded:
             if not msgs:
                 continue
-            t0_log, t0_wall, n_images = msgs[0][1], time.monotonic(), 0
+            t0_log, t0_wall, n_images, last_image_stamp = msgs[0][1], time.monotonic(), 0, None
             new_stamps.clear()  # a new pass (or loop) gets new stamps
             for topic, log_ns, raw in msgs:
                 if not rclpy.ok() or (end is not None and time.monotonic() > end):  # SIGINT / SIGTERM / time
                     break
-                is_image = chosen[topic] in IMAGE_TYPES
+                is_image = topic in image_topics
                 if rate is not None:
                     _sleep_until(t0_wall + (log_ns - t0_log) / 1e9 / rate)
-                elif rate_hz is not None:
-                    # Slot = images sent so far: a CameraInfo recorded before its image goes out with it.
+                elif rate_hz is not None and (is_image or not header_first[topic]
+                                              or cdr_stamp(raw) != last_image_stamp):
+                    # Slot = images sent so far: a CameraInfo recorded before its image goes out with it, and a
+                    # message with the last image's stamp (its depth image, recorded after it) right after it.
                     _sleep_until(t0_wall + n_images / rate_hz)
                 stamp = None
                 if restamp:
@@ -181,6 +185,7 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
                 counts[topic] += 1
                 if is_image:
                     n_images += 1
+                    last_image_stamp = cdr_stamp(raw)
                     sent.append((stamp, time.time_ns()))
             if not rclpy.ok() or (end is not None and time.monotonic() > end):
                 break

@@ -5,9 +5,11 @@ import random
 import subprocess
 import sys
 
+import pytest
 
 
-def test_demo_pipeline_through_the_node(tiny_model, tmp_path):
+@pytest.mark.parametrize('depth', [False, True], ids=['rgb', 'rgbd'])
+def test_demo_pipeline_through_the_node(tiny_model, tmp_path, depth):
     model, scene = tiny_model
     out = tmp_path / 'demo'
     # the tiny model is decimetre-accurate: loosen the gate so that its poses are published
@@ -15,13 +17,17 @@ def test_demo_pipeline_through_the_node(tiny_model, tmp_path):
     params.write_text('/**:\n  ros__parameters:\n    max_residual_m: 10.0\n    min_effective_points: 1.0\n')
     env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(100, 199)), ROS_LOG_DIR=str(tmp_path / 'log'))
     proc = subprocess.run([sys.executable, '-m', 'globloc_ros.demo', '--scene', str(scene), '--model', str(model),
-                           '--out', str(out), '--rate', '20', '--params-file', str(params)], env=env, capture_output=True, text=True, timeout=240)
+                           '--out', str(out), '--rate', '20', '--params-file', str(params), *(['--depth'] * depth)],
+                          env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / 'demo_report.json').read_text())
     assert report['frames'] == 24
     assert report['poses_published'] >= 12, report  # the tiny model rejects a few frames, not most
     assert report['poses_published'] + int(report['rejected']) + int(report['dropped']) >= 22
     assert report['median_translation_m'] < 1.0  # a few decimetres for this tiny model: localized, not random
+    if depth:  # the replay sent each frame's depth image with it, and the node used it
+        assert int(report['frames_with_depth']) >= 22 and int(report['diagnostics']['frames_without_depth']) == 0
+        assert 'localized with their depth image' in proc.stdout
     for name in ('trajectory.png', 'error_cdf.png', 'error_over_index.png'):
         assert (out / name).stat().st_size > 10_000
     assert 'poses published' in proc.stdout and 'median translation error' in proc.stdout

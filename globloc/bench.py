@@ -8,7 +8,8 @@ Camera frames: the real bag ../shared/data/bags/sun3d_frag1 (640x480 RGB-D) when
 
 For every backend available here and every input size (the same weights, run fully convolutionally at that
 size): per-stage p50/p99 ms of Localizer.localize (preprocess; network, which includes the alignment for fused
-graphs; alignment where torch runs it apart) and end-to-end frames/s. Then PyTorch forward+alignment with the
+graphs; alignment where torch runs it apart) and end-to-end frames/s; onnxruntime on the CPU also with the frames'
+depth images (RGB-D input, sampled at the cells in preprocess). Then PyTorch forward+alignment with the
 Horn vs the SVD solver, the alignment alone, and on the same correspondences (scene coordinates at the cell
 centres) Horn vs baselines.pnp_pose (cv2.solvePnPRansac + LM refinement): time ratio and pose difference.
 Targets reported against: ONNX Runtime on CPU with 2 threads >= 30 frames/s end to end at 320x240; alignment
@@ -139,13 +140,17 @@ def backends_here() -> tuple[list[tuple[str, str, str | None]], dict[str, str]]:
     return run, skipped
 
 
-def time_localizer(lz: rt.Localizer, frames, iters: int, warmup: int) -> dict:
+def time_localizer(lz: rt.Localizer, frames, iters: int, warmup: int, depth: bool = False) -> dict:
+    """Per-stage p50/p99 ms and frames/s over frames [(image, K, ...[, depth])], with their depth images if depth
+    (the 4th item)."""
+    def args(i):
+        f = frames[i % len(frames)]
+        return (f[0], f[1], f[3]) if depth else (f[0], f[1])
     for i in range(warmup):
-        lz.localize(frames[i % len(frames)][0], frames[i % len(frames)][1])
+        lz.localize(*args(i))
     stages: dict[str, list] = {}
     for i in range(iters):
-        image, K = frames[i % len(frames)][:2]
-        for k, v in lz.localize(image, K).timings_ms.items():
+        for k, v in lz.localize(*args(i)).timings_ms.items():
             stages.setdefault(k, []).append(v)
     out = {k: dict(zip(('p50', 'p99'), p50_p99(v))) for k, v in stages.items()}
     out['fps'] = 1000.0 / float(np.mean(stages['total']))
@@ -352,9 +357,11 @@ def run(args: argparse.Namespace) -> int:
                 if backend == 'tensorrt':
                     path = _build_engine(spath, Path(tmp.name), W, H)
                 lz = rt.Localizer(path, **kwargs)
-                stats = time_localizer(lz, frames, args.iters, args.warmup)
-                report['runs'].append({'backend': backend, 'device': device, 'precision': lz.precision,
-                                       'threads': kwargs['threads'], 'size': f'{W}x{H}', **stats})
+                for depth in (False, True) if (backend, device) == ('onnxruntime', 'cpu') else (False,):
+                    stats = time_localizer(lz, frames, args.iters, args.warmup, depth)
+                    report['runs'].append({'backend': backend, 'device': device, 'precision': lz.precision,
+                                           'threads': kwargs['threads'], 'size': f'{W}x{H}',
+                                           'input': 'rgbd' if depth else 'rgb', **stats})
             report['solvers'][f'{W}x{H}'] = time_solvers(snet, frames, max(10, args.iters // 2))
             report['horn_vs_pnp'][f'{W}x{H}'] = horn_vs_pnp(snet, frames, oracle=True)
             if not untrained:
@@ -381,12 +388,14 @@ def _build_engine(model: Path, folder: Path, W: int, H: int) -> Path:
 
 def _print_report(report: dict) -> None:
     print('\nend to end (Localizer.localize from a 640x480 camera image), ms p50/p99:')
-    head = f"{'backend':<12}{'device':<7}{'prec':<6}{'thr':<5}{'size':<9}{'preprocess':>13}{'network':>15}" \
+    head = f"{'backend':<12}{'device':<7}{'prec':<6}{'thr':<5}{'size':<9}{'input':<6}{'preprocess':>13}" \
+           f"{'network':>15}" \
            f"{'alignment':>13}{'total':>15}{'frames/s':>10}"
     print(head)
     print('-' * len(head))
     for r in report['runs']:
         print(f"{r['backend']:<12}{r['device']:<7}{r['precision']:<6}{str(r['threads'] or '-'):<5}{r['size']:<9}"
+              f"{r['input']:<6}"
               f"{_fmt(r.get('preprocess')):>13}{_fmt(r.get('network')):>15}{_fmt(r.get('alignment')):>13}"
               f"{_fmt(r.get('total')):>15}{r['fps']:>10.1f}")
     print('  network = network + alignment for fused graphs (onnxruntime, tensorrt, torch CUDA graph)')
@@ -401,7 +410,8 @@ def _print_report(report: dict) -> None:
         if report[key]:
             _print_pnp_table(report[key])
     print('\ntargets:')
-    ort = [r for r in report['runs'] if r['backend'] == 'onnxruntime' and r['device'] == 'cpu' and r['size'] == '320x240']
+    ort = [r for r in report['runs'] if r['backend'] == 'onnxruntime' and r['device'] == 'cpu'
+           and r['size'] == '320x240' and r['input'] == 'rgb']
     if ort:
         fps = ort[0]['fps']
         verdict = 'met' if fps >= FPS_TARGET else 'NOT met'

@@ -44,7 +44,7 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
-               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn')
+               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +90,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
+    p.add_argument('--rgbd', action='store_true',
+                   help='for RGB-D cameras: the pose and relative losses align with the recorded depth where there '
+                        "is one (as the node does with depth_topic), not the depth head's; L_depth still trains it")
     p.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
     p.add_argument('--resume', action='store_true', help='continue from OUT.ckpt')
     p.add_argument('--seed', type=int, default=0)
@@ -249,8 +252,9 @@ def load_checkpoint(path: Path, a: argparse.Namespace, config: NetConfig) -> dic
         raise ValueError(f'--resume: {path} has checkpoint version {ck.get("version")} / model format '
                          f'{ck.get("model_format_version")}; this build writes {CKPT_VERSION} / '
                          f'{modelfile.FORMAT_VERSION}: start over with --force')
-    diffs = [f'{k}: checkpoint {ck["recipe"].get(k)!r} vs now {v!r}' for k, v in recipe(a).items()
-             if ck['recipe'].get(k) != v]
+    defaults = _defaults()  # a key missing from an older checkpoint had its default then
+    diffs = [f'{k}: checkpoint {ck["recipe"].get(k, defaults[k])!r} vs now {v!r}' for k, v in recipe(a).items()
+             if ck['recipe'].get(k, defaults[k]) != v]
     mine = config.to_dict()
     for k, v in ck['config'].items():
         if _norm(mine.get(k)) != _norm(v):
@@ -316,7 +320,10 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
             N = N.view(B, 3, 4, 4)
             rel = N[:, :1] @ rel @ torch.linalg.inv(N[:, 1:])  # T_a'_p' = T_a'_a T_a_p T_p'_p^-1
     images = ds.apply_jitter(batch['images'], jitter)
-    pred = net(images, batch['K'])
+    if a.rgbd and a.arch == 'globloc':  # NaN (no recorded depth) -> 0: the depth head's depth there
+        pred = net(images, batch['K'], measured_depth=torch.nan_to_num(batch['depth'], nan=0.0)[:, None])
+    else:
+        pred = net(images, batch['K'])
     R, t = pred.pose.R, pred.pose.t
     zero = torch.zeros(3 * B, device=R.device)
     if hasattr(pred, 'scene_coords'):

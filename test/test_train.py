@@ -259,6 +259,35 @@ def test_cli_prints_one_clear_line(tiny_scene, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == 'globloc train: error: --label-fraction must be in (0, 1], got 0.0'
 
 
+def test_rgbd_training_aligns_with_the_recorded_depth(tiny_scene):
+    """--rgbd: L_pose is the pose of the alignment fed with the recorded depth; L_sc and L_depth are unchanged."""
+    from globloc import train as tr
+    from globloc_ros.align import align_weighted
+    from globloc_ros.net import GlobLocNet, NetConfig
+    data = ds.build_train_data(ds.load_sequences(_train_bags(tiny_scene), 0.005), (64, 48))
+    idx, rel = ds.TupleSampler(len(data), data.edges, 0).tuples(0, 2)
+    batch = ds.batch_tensors(data, idx)
+    torch.manual_seed(0)
+    net = GlobLocNet(NetConfig(input_size=(64, 48), norm='group', scene_centre=(3.0, 2.5, 1.5), scene_scale=2.0))
+    jitter = ds.jitter_params(0, 0, 6, 0.0)  # strength 0: the identity
+    terms = {}
+    for rgbd in (False, True):
+        a = tr.make_args(bags=_train_bags(tiny_scene), out='unused.pt', rgbd=rgbd, ramp='0:0')
+        _, t = tr.step_losses(net, batch, torch.tensor(rel, dtype=torch.float32), a, 0, 8, 0.2, jitter)
+        terms[rgbd] = t
+    assert torch.equal(terms[False][:2], terms[True][:2])  # L_sc, L_depth
+    assert not torch.allclose(terms[False][2], terms[True][2])  # L_pose
+    # The alignment the --rgbd loss saw, rebuilt here: the recorded depth at the cells, the head's where none.
+    with torch.no_grad():
+        _, scene, head_depth, logits = net.heads(batch['images'].float())
+        recorded = batch['depth'].reshape(6, -1)
+        assert torch.isfinite(recorded).float().mean() > 0.8  # the synthetic scene records depth almost everywhere
+        depth = torch.where(torch.isfinite(recorded), recorded, head_depth.reshape(6, -1))
+        cam = fr.backproject(depth, fr.cell_centres(6, 8, 8), batch['K'])
+        pose = align_weighted(cam, scene.flatten(2).transpose(1, 2), torch.softmax(logits, 1))
+    assert torch.allclose(ls.pose_loss(pose.R, pose.t, batch['T'], 1.0).mean(), terms[True][2], rtol=1e-4)
+
+
 def test_geometric_augmentation_keeps_relative_poses_exact(tiny_scene):
     """Warped cameras (zoom + roll): labels reproject with the new K and pose, and the adjusted measured
     relative pose equals the relative pose of the adjusted absolute poses."""

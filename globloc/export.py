@@ -5,8 +5,9 @@
     globloc export --model models/scene.pt --format torchscript --out scene.ts
 
 The exported graph is globloc_ros.net.PoseGraph: image (B, 3, H, W) float RGB 0..255 at the model's fixed
-input size and K (B, 3, 3) of that image -> T_map_cam (B, 4, 4), residual (B,), n_eff (B,), spread (B,);
-network, camera coordinates from depth and Horn alignment all inside. Batch is fixed at 1 unless
+input size, K (B, 3, 3) of that image and depth (B, 1, H/8, W/8) metres at the cells (0: not measured, the depth
+head's depth is used; all zeros for a camera without depth) -> T_map_cam (B, 4, 4), residual (B,), n_eff (B,),
+spread (B,); network, camera coordinates from depth and Horn alignment all inside. Batch is fixed at 1 unless
 --dynamic-batch. Each graph carries runtime.graph_metadata (format version, input size, normalisation,
 scene centre/scale, model sha256, torch version) so that globloc_ros.runtime can check it at load.
 

@@ -7,7 +7,7 @@ else the `globloc-localizer` console script; (4) replay the held-out sequence ov
 process collects the published poses and the node's diagnostics; (5) print frames, poses
 published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
 With --depth the replay also publishes the recorded depth and the node uses it (RGB-D, node parameter
-depth_topic) in place of the depth head.
+depth_topic) in place of the depth head, with the model trained for that (`globloc train --rgbd`).
 Every child process runs in its own process group and is killed on exit, whatever happens.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from globloc_ros import frames
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 SHIPPED_MODEL = ROOT / 'models' / 'globloc_synth.pt'
+SHIPPED_RGBD_MODEL = ROOT / 'models' / 'globloc_synth_rgbd.pt'  # trained with --rgbd, for depth at run time
 
 
 class DemoError(RuntimeError):
@@ -229,7 +230,8 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='globloc_ros.demo', description=__doc__.splitlines()[0])
     parser.add_argument('--scene', type=Path, default=ROOT / 'data' / 'scene')
-    parser.add_argument('--model', type=Path, default=SHIPPED_MODEL)
+    parser.add_argument('--model', type=Path, default=None,
+                        help='default models/globloc_synth.pt (models/globloc_synth_rgbd.pt with --depth)')
     parser.add_argument('--out', type=Path, default=None, help='default out/demo (out/demo-rgbd with --depth)')
     parser.add_argument('--train', action='store_true', help='train the model from the bags first')
     parser.add_argument('--frames', type=int, default=None, help='frames per sequence for a new scene')
@@ -241,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                         help='RGB-D: replay the recorded depth too; the node uses it in place of the depth head')
     args = parser.parse_args(argv)
     args.out = args.out or ROOT / 'out' / ('demo-rgbd' if args.depth else 'demo')
+    args.model = args.model or (SHIPPED_RGBD_MODEL if args.depth else SHIPPED_MODEL)
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     node = replay = collector = None

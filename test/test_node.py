@@ -332,6 +332,28 @@ def test_rviz_config_shows_the_node_outputs_in_the_map_frame():
     assert 'rviz_default_plugins/TF' in shown
 
 
+def test_stamp_buffer_finds_the_frames_depth_or_gives_up():
+    from types import SimpleNamespace
+
+    from globloc_ros.node import StampBuffer
+
+    def msg(ns):
+        return SimpleNamespace(header=SimpleNamespace(stamp=Time(nanoseconds=ns).to_msg()), id=ns)
+    buf = StampBuffer(size=3)
+    for ns in (1_000_000_000, 1_033_000_000, 1_066_000_000):
+        buf.put(msg(ns))
+    assert buf.find(1_034_000_000, 10_000_000, 0.0).id == 1_033_000_000  # the nearest within tolerance
+    t0 = time.monotonic()
+    assert buf.find(1_020_000_000, 5_000_000, 1.0) is None  # a later depth already came: no waiting
+    assert time.monotonic() - t0 < 0.1
+    threading.Timer(0.1, buf.put, [msg(1_100_000_000)]).start()  # arrives while find() waits
+    assert buf.find(1_100_000_000, 0, 2.0).id == 1_100_000_000
+    t0 = time.monotonic()
+    assert buf.find(1_200_000_000, 0, 0.2) is None and 0.15 < time.monotonic() - t0 < 1.0  # waited, then gave up
+    buf.put(msg(1_133_000_000))
+    assert buf.find(1_000_000_000, 0, 0.0) is None  # only the last 3 are kept
+
+
 def test_node_module_needs_no_tf2_at_import():
     code = 'import sys, globloc_ros.node; sys.exit(1 if "tf2_ros" in sys.modules else 0)'
     assert subprocess.run([sys.executable, '-c', code], timeout=60).returncode == 0

@@ -8,6 +8,9 @@ Rows (METHOD.md section 6):
 - globloc --no-relative: the ablation, same steps;                 both over --seeds seeds (0, 1, ...);
 - posenet: direct pose regression on the same backbone, same data and steps (seed 0);
 - globloc + PnP: the same globloc networks' scene coordinates through cv2.solvePnPRansac instead of the alignment.
+With --rgbd the two globloc rows train with `globloc train --rgbd` and are evaluated with the recorded depth
+(`globloc eval --depth`), as an RGB-D camera runs the node; posenet and PnP use no depth. --w-pose / --w-rel set the
+globloc rows' loss weights (default: train's).
 Every model is evaluated on --test-bags by evaluate.evaluate (failures at infinite error). Writes DIR/compare.md,
 DIR/compare.json, DIR/compare.png (translation error CDFs) and the models under DIR/models (kept; --reuse skips
 training a model file that already exists, so an interrupted comparison can be continued).
@@ -40,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--input-size', default='128x96')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--label-fraction', type=float, default=0.005)
+    p.add_argument('--rgbd', action='store_true', help='globloc rows: train --rgbd, evaluate with the recorded depth')
+    p.add_argument('--w-pose', type=float, default=None, help="globloc rows' L_pose weight (default: train's)")
+    p.add_argument('--w-rel', type=float, default=None, help="globloc rows' L_adj + L_dist weight (default: train's)")
     p.add_argument('--reuse', action='store_true', help='keep model files that already exist instead of retraining')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -64,8 +70,11 @@ def compare(a: argparse.Namespace) -> dict:
     frames = ev.load_test_frames(a.test_bags, a.split)
     if not frames:
         raise ValueError(f'no test frames in {a.test_bags}')
-    plan = [('globloc', 'globloc', 'align', {}), ('globloc_norel', 'globloc --no-relative', 'align',
-                                                  {'no_relative': True}),
+    rgbd = bool(getattr(a, 'rgbd', False))
+    ours = {k: v for k, v in (('rgbd', rgbd), ('w_pose', getattr(a, 'w_pose', None)),
+                              ('w_rel', getattr(a, 'w_rel', None))) if v}
+    plan = [('globloc', 'globloc', 'align', ours), ('globloc_norel', 'globloc --no-relative', 'align',
+                                                    {**ours, 'no_relative': True}),
             ('posenet', 'posenet (direct regression)', 'align', {'arch': 'posenet'}),
             ('globloc', 'globloc + PnP-RANSAC', 'pnp', None)]
     rows, curves = [], {}
@@ -77,7 +86,8 @@ def compare(a: argparse.Namespace) -> dict:
             if extra is not None:
                 trained[(name, seed)] = _train_once(a, name, seed, **extra)
             model, train_s = trained[(name, seed)]
-            r = ev.evaluate(model, a.test_bags, split=a.split, method=method, frames=frames)
+            r = ev.evaluate(model, a.test_bags, split=a.split, method=method, frames=frames,
+                            depth=rgbd and name != 'posenet' and method == 'align')
             runs.append({'seed': seed, 'model': str(model), 'train_time_s': round(train_s, 1),
                          **{k: r[k] for k in METRICS}, 'time_ms_per_frame': r['time_ms_per_frame']['mean'],
                          'ungated_median_translation_m': r['ungated']['median_translation_m']})
@@ -92,7 +102,8 @@ def compare(a: argparse.Namespace) -> dict:
         if abl['median_translation_m_mean'] > 0 else math.nan
     report = {'train_bags': [str(b) for b in a.bags], 'test_bags': [str(b) for b in a.test_bags],
               'test_frames': len(frames), 'steps': a.steps, 'seeds': a.seeds, 'input_size': a.input_size,
-              'batch': a.batch, 'label_fraction': a.label_fraction, 'device': 'cpu',
+              'batch': a.batch, 'label_fraction': a.label_fraction, 'rgbd': rgbd, 'globloc_weights': ours,
+              'device': 'cpu',
               'threads': torch.get_num_threads(), 'rows': rows,
               'relative_constraints_translation_reduction': reduction,
               'posenet_over_globloc_median_ratio': rows[2]['median_translation_m_mean'] /
@@ -122,7 +133,9 @@ def _pm(row: dict, key: str, scale: float = 1.0, digits: int = 2) -> str:
 
 def markdown_table(rep: dict) -> str:
     lines = [f"# globloc compare: {rep['test_frames']} held-out frames, {rep['steps']} steps, input "
-             f"{rep['input_size']}, {rep['label_fraction'] * 100:g} % labels, CPU ({rep['threads']} threads)", '',
+             f"{rep['input_size']}, {rep['label_fraction'] * 100:g} % labels, CPU ({rep['threads']} threads)"
+             + (', RGB-D: globloc rows trained with --rgbd and run with the recorded depth' if rep.get('rgbd') else '')
+             + (f", globloc loss weights {rep['globloc_weights']}" if rep.get('globloc_weights') else ''), '',
              f"train: {' '.join(rep['train_bags'])}  test: {' '.join(rep['test_bags'])}", '',
              '| method | seeds | median t (cm) | median R (deg) | recall 5cm/5° | recall 10cm/10° | recall 25cm/2° | '
              'failures | ungated median t (cm) | ms/frame | train s/run |',

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from globloc import baselines as bl
 from globloc import dataset as ds
@@ -173,6 +174,13 @@ def test_compare_writes_one_table(tiny_scene, tmp_path):
     assert md.count('\n| ') == 5 and 'median t (cm)' in md
     assert json.loads((tmp_path / 'cmp' / 'compare.json').read_text())['steps'] == 2
     assert (tmp_path / 'cmp' / 'compare.png').read_bytes()[:8] == PNG
+    # --rgbd: the globloc rows train with it and run with the recorded depth; posenet trains as before.
+    rgbd = compare.compare(argparse.Namespace(**{**vars(args), 'rgbd': True, 'w_pose': 0.5, 'reuse': True,
+                                                 'out': tmp_path / 'cmp_rgbd', 'seeds': 1}))
+    assert rgbd['rgbd'] and rgbd['globloc_weights'] == {'rgbd': True, 'w_pose': 0.5}
+    meta = torch.load(tmp_path / 'cmp_rgbd' / 'models' / 'globloc_norel_s0.pt', weights_only=True)['meta']
+    assert meta['recipe']['rgbd'] and meta['recipe']['no_relative'] and meta['recipe']['w_pose'] == 0.5
+    assert 'RGB-D' in (tmp_path / 'cmp_rgbd' / 'compare.md').read_text()
     # The posenet model is a model file of its own kind, loadable by the baseline loader.
     net, meta = bl.load_any_model(tmp_path / 'cmp' / 'models' / 'posenet_s0.pt')
     assert isinstance(net, bl.PoseNetBaseline) and meta['arch'] == 'posenet'

@@ -180,9 +180,8 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
         R, t = (torch.from_numpy(a).float() for a in (f.T_map_cam[:3, :3], f.T_map_cam[:3, 3]))
         depth_err.append(float((depth.flatten(1)[0] - d_rec[0])[valid].abs().median()))
         scene_err.append(float((scene[0].flatten(1).T - (cam_rec @ R.T + t))[valid].norm(dim=1).median()))
-        # The runtime's own alignment, fed the recorded depth (0 = none: the head's depth there).
-        measured = torch.nan_to_num(d_rec, nan=0.0).view(1, 1, h, w)
-        T_rec.append(pose_from_heads(net, scene, depth, logits, Kt, measured)[0][0].double().numpy())
+        # The runtime's own alignment, fed the recorded depth (NaN = none: the head's depth there).
+        T_rec.append(pose_from_heads(net, scene, depth, logits, Kt, d_rec.view(1, 1, h, w))[0][0].double().numpy())
         T_gt.append(f.T_map_cam)
     if not T_rec:
         return None

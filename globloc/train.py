@@ -320,8 +320,8 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
             N = N.view(B, 3, 4, 4)
             rel = N[:, :1] @ rel @ torch.linalg.inv(N[:, 1:])  # T_a'_p' = T_a'_a T_a_p T_p'_p^-1
     images = ds.apply_jitter(batch['images'], jitter)
-    if a.rgbd and a.arch == 'globloc':  # NaN (no recorded depth) -> 0: the depth head's depth there
-        pred = net(images, batch['K'], measured_depth=torch.nan_to_num(batch['depth'], nan=0.0)[:, None])
+    if a.rgbd and a.arch == 'globloc':  # cells without recorded depth (NaN) keep the depth head's
+        pred = net(images, batch['K'], measured_depth=batch['depth'][:, None])
     else:
         pred = net(images, batch['K'])
     R, t = pred.pose.R, pred.pose.t

@@ -11,7 +11,8 @@ Rows (METHOD.md section 6):
 With --rgbd the two globloc rows train with `globloc train --rgbd` and are evaluated with the recorded depth
 (`globloc eval --depth`), as an RGB-D camera runs the node; posenet and PnP use no depth. --w-pose / --w-rel set the
 globloc rows' loss weights (default: train's).
-Every model is evaluated on --test-bags by evaluate.evaluate (failures at infinite error). Writes DIR/compare.md,
+A test bag that is also a training bag needs --split every:K: the models then train with --holdout every:K, so the
+tested frames stay unseen. Every model is evaluated on --test-bags by evaluate.evaluate (failures at infinite error). Writes DIR/compare.md,
 DIR/compare.json, DIR/compare.png (translation error CDFs) and the models under DIR/models (kept; --reuse skips
 training a model file that already exists, so an interrupted comparison can be continued).
 """
@@ -26,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from globloc import bags as bg
+from globloc import dataset as ds
 from globloc import evaluate as ev
 from globloc.train import train
 
@@ -39,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--steps', type=int, default=3000, help='training steps of every model (default 3000)')
     p.add_argument('--seeds', type=int, default=3, help='seeds for globloc and the ablation (default 3)')
     p.add_argument('--out', required=True, help='output folder')
-    p.add_argument('--split', default='all', help="test split: 'all' or 'every:K'")
+    p.add_argument('--split', default='all',
+                   help="test split: 'all' or 'every:K' (needed when a test bag is also a training bag: the models "
+                        "then train without those frames)")
     p.add_argument('--input-size', default='128x96')
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--label-fraction', type=float, default=0.005)
@@ -58,8 +63,20 @@ def _train_once(a, name: str, seed: int, **extra) -> tuple[Path, float]:
         return out, float(meta.get('train_time_s', math.nan))
     t0 = time.perf_counter()
     train(bags=a.bags, out=out, steps=a.steps, seed=seed, input_size=a.input_size, batch=a.batch,
-          label_fraction=a.label_fraction, force=True, quiet=a.quiet, threads=a.threads, **extra)
+          label_fraction=a.label_fraction, force=True, quiet=a.quiet, threads=a.threads, holdout=_holdout(a),
+          **extra)
     return out, time.perf_counter() - t0
+
+
+def _holdout(a) -> str | None:
+    """The split to leave out of training: --split when a test bag is a training bag too, else None."""
+    shared = {p.resolve() for p in bg.bag_paths(a.bags)} & {p.resolve() for p in bg.bag_paths(a.test_bags)}
+    if not shared:
+        return None
+    if ds.parse_split(a.split) == 1:
+        raise ValueError(f'test bag(s) {sorted(map(str, shared))} are training bags too: give --split every:K, so '
+                         f'the models train without the frames they are tested on')
+    return a.split
 
 
 def compare(a: argparse.Namespace) -> dict:
@@ -67,6 +84,7 @@ def compare(a: argparse.Namespace) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     if a.seeds < 1 or a.steps < 1:
         raise ValueError(f'--seeds and --steps must be >= 1 (got {a.seeds}, {a.steps})')
+    holdout = _holdout(a)
     frames = ev.load_test_frames(a.test_bags, a.split)
     if not frames:
         raise ValueError(f'no test frames in {a.test_bags}')
@@ -102,7 +120,7 @@ def compare(a: argparse.Namespace) -> dict:
         if abl['median_translation_m_mean'] > 0 else math.nan
     report = {'train_bags': [str(b) for b in a.bags], 'test_bags': [str(b) for b in a.test_bags],
               'test_frames': len(frames), 'steps': a.steps, 'seeds': a.seeds, 'input_size': a.input_size,
-              'batch': a.batch, 'label_fraction': a.label_fraction, 'rgbd': rgbd, 'globloc_weights': ours,
+              'batch': a.batch, 'label_fraction': a.label_fraction, 'holdout': holdout, 'rgbd': rgbd, 'globloc_weights': ours,
               'device': 'cpu',
               'threads': torch.get_num_threads(), 'rows': rows,
               'relative_constraints_translation_reduction': reduction,
@@ -136,7 +154,8 @@ def markdown_table(rep: dict) -> str:
              f"{rep['input_size']}, {rep['label_fraction'] * 100:g} % labels, CPU ({rep['threads']} threads)"
              + (', RGB-D: globloc rows trained with --rgbd and run with the recorded depth' if rep.get('rgbd') else '')
              + (f", globloc loss weights {rep['globloc_weights']}" if rep.get('globloc_weights') else ''), '',
-             f"train: {' '.join(rep['train_bags'])}  test: {' '.join(rep['test_bags'])}", '',
+             f"train: {' '.join(rep['train_bags'])}  test: {' '.join(rep['test_bags'])}"
+             + (f" (frames {rep['holdout']}, held out of training)" if rep.get('holdout') else ''), '',
              '| method | seeds | median t (cm) | median R (deg) | recall 5cm/5° | recall 10cm/10° | recall 25cm/2° | '
              'failures | ungated median t (cm) | ms/frame | train s/run |',
              '|---|---|---|---|---|---|---|---|---|---|---|']

@@ -83,15 +83,38 @@ def resize_frame(image: np.ndarray, K: np.ndarray, size: tuple[int, int]) -> tup
     return image, fr.scale_intrinsics(K, sx, sy), sx, sy
 
 
+def parse_split(split: str) -> int:
+    """'all' -> 1, 'every:K' -> K: the frames whose index in their bag is a multiple of K."""
+    if split == 'all':
+        return 1
+    if split.startswith('every:'):
+        try:
+            k = int(split.split(':', 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return k
+    raise ValueError(f"a split must be 'all' or 'every:K' with K >= 1, got {split!r}")
+
+
 def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
-                   progress: bool = False, topics: bg.Topics = bg.Topics()) -> list[bg.Sequence]:
-    """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input."""
+                   progress: bool = False, topics: bg.Topics = bg.Topics(),
+                   holdout: str | None = None) -> list[bg.Sequence]:
+    """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input.
+    holdout 'every:K': leave out the frames `globloc eval --split every:K` scores (index a multiple of K)."""
     bg.check_label_fraction(label_fraction)
+    every = parse_split(holdout) if holdout else None
+    if every == 1:
+        raise ValueError(f'--holdout must be every:K with K >= 2, got {holdout!r}')
     paths = bg.bag_paths(bag_args)
     if not paths:
         raise ValueError(f'no bags found in {list(map(str, bag_args))}')
-    return [bg.read_sequence(p, seq=i, topics=topics, label_fraction=label_fraction, seed=seed,
-                             max_frames=max_frames, progress=progress) for i, p in enumerate(paths)]
+    sequences = [bg.read_sequence(p, seq=i, topics=topics, label_fraction=label_fraction, seed=seed,
+                                  max_frames=max_frames, progress=progress) for i, p in enumerate(paths)]
+    if every:
+        for s in sequences:
+            s.frames = [f for f in s.frames if f.index % every]
+    return sequences
 
 
 def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:

@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,23 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
 
 
-def parse_split(split: str) -> int:
-    """'all' -> 1, 'every:K' -> K."""
-    if split == 'all':
-        return 1
-    if split.startswith('every:'):
-        try:
-            k = int(split.split(':', 1)[1])
-        except ValueError:
-            k = 0
-        if k >= 1:
-            return k
-    raise ValueError(f"--split must be 'all' or 'every:K' with K >= 1, got {split!r}")
-
-
 def load_test_frames(bags, split: str = 'all', max_frames: int | None = None,
                      topics: bg.Topics = bg.Topics()) -> list[bg.Frame]:
-    every = parse_split(split)
+    every = ds.parse_split(split)
     seqs = [bg.read_sequence(p, seq=i, topics=topics, max_frames=max_frames, progress=False)
             for i, p in enumerate(bg.bag_paths(bags))]
     return [f for s in seqs for f in s.frames if f.index % every == 0]
@@ -227,13 +214,17 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     T_gt = np.stack([f.T_map_cam for f in frames])
     T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method, depth=depth)
     summary, t_err, r_err, t_raw, r_raw = pose_metrics(T_est, T_gt, ok)
+    seen = frames_seen_in_training(meta, bags, frames)
+    if seen:
+        warnings.warn(f'{seen} of the {len(frames)} test frames were training frames of {model_path} (same bag, not '
+                      f'left out by its --holdout): these figures are not held-out accuracy')
     h, w = frames[0].image.shape[:2]
     report = {
         'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
         'backend': backend, 'method': method, 'depth_input': depth, 'device': 'cpu', 'threads': torch.get_num_threads(),
         'precision': 'fp32', 'recorded_size': [w, h],
         'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
-        'model_command': meta.get('command'), 'model_steps': meta.get('steps'),
+        'model_command': meta.get('command'), 'model_steps': meta.get('steps'), 'frames_seen_in_training': seen,
         **summary,
         'heads': head_errors(model_path, frames) if method == 'align' else None,
         'time_ms_per_frame': {'mean': float(times.mean()), 'p50': float(np.percentile(times, 50)),
@@ -251,6 +242,20 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_jsonable(report), indent=1))
     return report
+
+
+def frames_seen_in_training(meta: dict, bags, frames: list[bg.Frame]) -> int:
+    """How many of `frames` (read from `bags`, frame.seq = position in bags) the model trained on: frames of its
+    training bags (meta data.bags) that its --holdout and --max-frames did not leave out."""
+    trained = {Path(b).resolve() for b in meta.get('data', {}).get('bags', [])}
+    if not trained or not bags:
+        return 0
+    recipe = meta.get('recipe', {})
+    every = ds.parse_split(recipe['holdout']) if recipe.get('holdout') else 0
+    max_frames = recipe.get('max_frames') or math.inf
+    paths = [p.resolve() for p in bg.bag_paths(bags)]
+    return sum(paths[f.seq] in trained and f.index < max_frames and not (every and f.index % every == 0)
+               for f in frames)
 
 
 def _finite(x: float):
@@ -354,7 +359,9 @@ def format_summary(r: dict) -> str:
             f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}"
             f"{', RGB-D' if r.get('depth_input') else ''}); "
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
-            f"{r['ungated']['median_rotation_deg']:.2f} deg" + _heads_summary(r.get('heads')))
+            f"{r['ungated']['median_rotation_deg']:.2f} deg"
+            + (f"; {r['frames_seen_in_training']} of these frames were training frames"
+               if r.get('frames_seen_in_training') else '') + _heads_summary(r.get('heads')))
 
 
 def _heads_summary(h: dict | None) -> str:

@@ -44,7 +44,7 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
-               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd')
+               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--arch', choices=('globloc', 'posenet'), default='globloc',
                    help='globloc (this method) or posenet (direct-regression baseline on the same backbone)')
     p.add_argument('--max-frames', type=int, default=None, help='use only the first N frames of each bag')
+    p.add_argument('--holdout', default=None, metavar='every:K',
+                   help='leave out every K-th frame of each bag: the frames `globloc eval --split every:K` scores, '
+                        'so one bag gives a held-out test')
     bg.add_topic_argument(p)
     p.add_argument('--stop-after', type=int, default=None,
                    help='stop after N steps of this invocation, leaving the checkpoint (time-sliced jobs)')
@@ -369,7 +372,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     device = torch.device('cuda', torch.cuda.current_device()) if a.device == 'cuda' else torch.device('cpu')
     input_size = ds.parse_size(a.input_size)
     sequences = ds.load_sequences(a.bags, a.label_fraction, seed=a.seed, max_frames=a.max_frames,
-                                  topics=bg.parse_topics(a.topic),
+                                  topics=bg.parse_topics(a.topic), holdout=a.holdout,
                                   progress=not a.quiet and rank == 0 and sys.stderr.isatty())
     data = ds.build_train_data(sequences, input_size, need_labels=a.arch == 'globloc')
     del sequences

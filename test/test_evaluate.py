@@ -50,10 +50,10 @@ def test_failures_count_at_infinite_error():
 
 
 def test_split_parsing():
-    assert ev.parse_split('all') == 1 and ev.parse_split('every:4') == 4
+    assert ds.parse_split('all') == 1 and ds.parse_split('every:4') == 4
     for bad in ('every:0', 'every:x', 'half'):
         with pytest.raises(ValueError, match="'all' or 'every:K'"):
-            ev.parse_split(bad)
+            ds.parse_split(bad)
 
 
 def test_plots_from_poses_alone(tmp_path):
@@ -109,6 +109,18 @@ def test_eval_cli_json_and_plots(tiny_model, tmp_path):
     pngs = sorted((tmp_path / 'plots').glob('*.png'))
     assert [p.name for p in pngs] == ['error_cdf.png', 'error_over_index.png', 'trajectory.png']
     assert all(p.read_bytes()[:8] == PNG for p in pngs)
+
+
+def test_training_frames_in_the_test_set_are_counted_and_warned(tiny_model):
+    model, scene = tiny_model  # trained on all of seq_00 and seq_01
+    with pytest.warns(UserWarning, match='3 of the 3 test frames were training frames'):
+        r = ev.evaluate(model, [scene / 'seq_00'], split='every:8')
+    assert r['frames_seen_in_training'] == 3 and 'were training frames' in ev.format_summary(r)
+    frames = ev.load_test_frames([scene / 'seq_00'], 'every:4')  # indices 0, 4, ..., 20
+    meta = {'data': {'bags': [str(scene / 'seq_00')]}, 'recipe': {'holdout': 'every:8'}}
+    assert ev.frames_seen_in_training(meta, [scene / 'seq_00'], frames) == 3  # 4, 12, 20
+    assert ev.frames_seen_in_training({**meta, 'recipe': {'holdout': 'every:4'}}, [scene / 'seq_00'], frames) == 0
+    assert ev.frames_seen_in_training(meta, [scene / 'seq_02'], frames) == 0
 
 
 def test_direct_backend_agrees_with_the_localizer(tiny_model):
@@ -181,6 +193,12 @@ def test_compare_writes_one_table(tiny_scene, tmp_path):
     meta = torch.load(tmp_path / 'cmp_rgbd' / 'models' / 'globloc_norel_s0.pt', weights_only=True)['meta']
     assert meta['recipe']['rgbd'] and meta['recipe']['no_relative'] and meta['recipe']['w_pose'] == 0.5
     assert 'RGB-D' in (tmp_path / 'cmp_rgbd' / 'compare.md').read_text()
+    # A test bag that is also a training bag: refused without a split, held out of training with one.
+    same = argparse.Namespace(**{**vars(args), 'test_bags': args.bags, 'split': 'all'})
+    with pytest.raises(ValueError, match='are training bags too: give --split every:K'):
+        compare.compare(same)
+    assert compare._holdout(argparse.Namespace(**{**vars(same), 'split': 'every:4'})) == 'every:4'
+    assert compare._holdout(args) is None
     # The posenet model is a model file of its own kind, loadable by the baseline loader.
     net, meta = bl.load_any_model(tmp_path / 'cmp' / 'models' / 'posenet_s0.pt')
     assert isinstance(net, bl.PoseNetBaseline) and meta['arch'] == 'posenet'

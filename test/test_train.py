@@ -13,6 +13,7 @@ import torch
 
 from globloc import bags as bg
 from globloc import dataset as ds
+from globloc import evaluate as ev
 from globloc import losses as ls
 from globloc.train import train
 from globloc_ros import frames as fr
@@ -216,6 +217,20 @@ def test_bag_without_poses_or_images(tiny_scene, tmp_path):
     with pytest.raises(RuntimeError, match='no image topic'):
         train(bags=[no_img], out=tmp_path / 'm.pt', steps=1, **FAST)
     assert not (tmp_path / 'm.pt').exists() and not (tmp_path / 'm.pt.ckpt').exists()
+
+
+def test_holdout_leaves_out_the_frames_eval_scores(tiny_scene, tmp_path):
+    """--holdout every:3 trains without the frames `eval --split every:3` tests on; every:1 is refused."""
+    bags = _train_bags(tiny_scene)
+    seqs = ds.load_sequences(bags, 0.005, holdout='every:3')
+    trained = {(f.seq, f.stamp_ns) for s in seqs for f in s.frames}
+    tested = {(f.seq, f.stamp_ns) for f in ev.load_test_frames(bags, 'every:3')}
+    assert len(trained) == 2 * 16 and len(tested) == 2 * 8 and not trained & tested
+    out = train(bags=bags, out=tmp_path / 'm.pt', steps=2, holdout='every:3', **FAST)
+    meta = torch.load(out, weights_only=True)['meta']
+    assert meta['data']['frames'] == 32 and '--holdout every:3' in meta['command']
+    with pytest.raises(ValueError, match="every:K with K >= 2, got 'every:1'"):
+        train(bags=bags, out=tmp_path / 'n.pt', steps=1, holdout='every:1', **FAST)
 
 
 def test_too_few_frames_for_the_graph(tiny_scene, tmp_path):

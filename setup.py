@@ -15,7 +15,7 @@ setup(
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),
         ('share/' + package_name + '/launch', glob('launch/*.launch.py')),
-        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.rviz')),
+        ('share/' + package_name + '/config', glob('config/*.yaml') + glob('config/*.rviz') + glob('config/*.xml')),
         ('share/' + package_name + '/models', [f for f in glob('models/*') if not f.endswith('.ckpt')]),
         # launch_ros runs <prefix>/lib/<pkg>/<executable>; pip puts console scripts in bin/.
         ('lib/' + package_name, ['scripts/localizer', 'scripts/replay']),

@@ -262,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
         _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
         from globloc.bags import Topics
-        # Image and depth go out together (about 380 KB); best-effort delivery lost most of them here, so RGB-D
-        # runs the node's camera subscriptions reliable.
-        overrides = {'depth_topic': Topics.depth, 'qos': 'reliable'} if args.depth else {}
+        overrides = {'depth_topic': Topics.depth} if args.depth else {}
         node = start_node(model, args.out, env, use_launch, args.params_file, overrides)
         collector = Collector()
         _wait_for_node(collector, node, args.out / 'node.log')

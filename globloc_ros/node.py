@@ -61,8 +61,8 @@ from std_srvs.srv import Trigger
 
 from globloc_ros import frames as fr
 from globloc_ros import imgmsg
+from globloc_ros.share import share_file
 
-PACKAGE = 'globloc_ros'
 DEFAULT_MODEL = 'globloc_synth.pt'
 EXIT_CONFIG = 2  # like argparse / `globloc`: the process could not start as configured
 
@@ -149,23 +149,13 @@ def _descriptor(p: Param) -> ParameterDescriptor:
 
 
 def default_model_path() -> Path:
-    """share/globloc_ros/models/globloc_synth.pt of the installed package (ament index), else the source
-    tree's models/ (editable installs are not in the ament index). Raises ConfigError if neither exists."""
-    tried = []
-    try:
-        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
-        try:
-            tried.append(Path(get_package_share_directory(PACKAGE)) / 'models' / DEFAULT_MODEL)
-        except PackageNotFoundError:
-            pass
-    except ImportError:
-        pass
-    tried.append(Path(__file__).resolve().parents[1] / 'models' / DEFAULT_MODEL)
-    for path in tried:
-        if path.is_file():
-            return path
-    raise ConfigError("parameter 'model' is empty and no default model exists (looked for "
-                      + ', '.join(map(str, tried)) + '); pass -p model:=<file> or model:=<file> to the launch file')
+    """models/globloc_synth.pt of the installed package, else of the source tree (share.share_file).
+    Raises ConfigError if neither exists."""
+    path, tried = share_file(f'models/{DEFAULT_MODEL}')
+    if path is None:
+        raise ConfigError("parameter 'model' is empty and no default model exists (looked for "
+                          + ', '.join(map(str, tried)) + '); pass -p model:=<file> or model:=<file> to the launch file')
+    return path
 
 
 class Mailbox:

@@ -16,12 +16,16 @@ stamp, such as an image and its CameraInfo, still share the new one), which is w
 does and what latency measurements need. --record TOPIC subscribes a geometry_msgs/PoseStamped topic
 (e.g. /globloc/pose) and --out writes what was sent and received, with wall-clock times, as JSON
 (the node benchmark, globloc/node_bench.py, reads it).
+
+Fast DDS: unless the environment names a profile, the replay uses config/fastdds_large_data.xml, whose larger
+shared-memory segment lets best-effort subscribers (the node's default QoS) receive every image and depth image.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import struct
 import sys
 import threading
@@ -38,9 +42,11 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.utilities import remove_ros_args
 
 from globloc.bags import Topics, bag_paths
+from globloc_ros.share import share_file
 
 DEFAULT_TOPICS = (Topics.image, Topics.compressed, Topics.camera_info)
 IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
+LARGE_DATA_PROFILE = 'fastdds_large_data.xml'
 
 
 def message_class(msgtype: str):
@@ -197,6 +203,19 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
     return {'sent': sent, 'counts': dict(counts), 'duration_s': time.monotonic() - start}
 
 
+def use_large_data_profile() -> Path | None:
+    """Point Fast DDS at config/fastdds_large_data.xml (a 16 MB shared-memory segment: the default 512 KB drops
+    best-effort image + depth samples) unless the environment names a profile or another RMW. Call before
+    rclpy.init. Returns the profile used, None when left alone."""
+    if os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp') != 'rmw_fastrtps_cpp' or any(
+            k in os.environ for k in ('FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE')):
+        return None
+    path, _ = share_file(f'config/{LARGE_DATA_PROFILE}')
+    if path is not None:
+        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = str(path)
+    return path
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('bags', nargs='+', type=Path, help='bag folders, .mcap/.db3 files, or folders of bags')
     pace = parser.add_mutually_exclusive_group()
@@ -227,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         bags = bag_paths(args.bags)
     except Exception as e:  # noqa: BLE001 - BagError / OSError: one line, not a traceback
         parser.exit(2, f'globloc-replay: error: {e}\n')
+    use_large_data_profile()
     rclpy.init(args=argv)
     node = rclpy.create_node('globloc_replay')
     recorder = Recorder(node, args.record) if args.record else None

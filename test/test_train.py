@@ -233,6 +233,24 @@ def test_holdout_leaves_out_the_frames_eval_scores(tiny_scene, tmp_path):
         train(bags=bags, out=tmp_path / 'n.pt', steps=1, holdout='every:1', **FAST)
 
 
+def test_train_and_eval_on_a_real_rgbd_bag(real_bags, tmp_path):
+    """SUN3D: real jpeg, 16UC1 depth with holes, the bag's own SIFT landmarks as labels. --holdout every:5 trains
+    on 40 frames; eval --split every:5 scores the other 10, none seen in training, with and without the depth."""
+    bag = real_bags / 'sun3d_frag1'
+    out = train(bags=[bag], out=tmp_path / 'm.pt', steps=60, holdout='every:5', rgbd=True, ramp='0:0',
+                aug_translate=0.0, aug_turn=0.0, **FAST)
+    meta = torch.load(out, weights_only=True)['meta']
+    data = meta['data']
+    assert data['frames'] == data['frames_with_depth'] == data['frames_with_labels'] == 40
+    assert 247 <= data['labels_per_frame_mean'] <= 1108  # the bag's landmarks (README of the data), not drawn
+    hist = np.array(meta['loss_history'])
+    assert hist[-5:, -1].mean() < 0.9 * hist[:5, -1].mean(), hist[[0, -1]]
+    for depth in (False, True):
+        r = ev.evaluate(out, [bag], split='every:5', depth=depth)
+        assert r['frames'] == 10 and r['frames_seen_in_training'] == 0
+        assert math.isfinite(r['ungated']['median_translation_m'])
+
+
 def test_too_few_frames_for_the_graph(tiny_scene, tmp_path):
     with pytest.raises(ValueError, match='too few frames for the graph'):
         train(bags=[tiny_scene / 'seq_00'], out=tmp_path / 'm.pt', max_frames=4, steps=1, **FAST)

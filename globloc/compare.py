@@ -12,7 +12,8 @@ With --rgbd the two globloc rows train with `globloc train --rgbd` and are evalu
 (`globloc eval --depth`), as an RGB-D camera runs the node; posenet and PnP use no depth. --w-pose / --w-rel set the
 globloc rows' loss weights (default: train's).
 A test bag that is also a training bag needs --split every:K: the models then train with --holdout every:K, so the
-tested frames stay unseen. Every model is evaluated on --test-bags by evaluate.evaluate (failures at infinite error). Writes DIR/compare.md,
+tested frames stay unseen.
+Every model is evaluated on --test-bags by evaluate.evaluate (failures at infinite error). Writes DIR/compare.md,
 DIR/compare.json, DIR/compare.png (translation error CDFs) and the models under DIR/models (kept; --reuse skips
 training a model file that already exists, so an interrupted comparison can be continued).
 """
@@ -120,8 +121,8 @@ def compare(a: argparse.Namespace) -> dict:
         if abl['median_translation_m_mean'] > 0 else math.nan
     report = {'train_bags': [str(b) for b in a.bags], 'test_bags': [str(b) for b in a.test_bags],
               'test_frames': len(frames), 'steps': a.steps, 'seeds': a.seeds, 'input_size': a.input_size,
-              'batch': a.batch, 'label_fraction': a.label_fraction, 'holdout': holdout, 'rgbd': rgbd, 'globloc_weights': ours,
-              'device': 'cpu',
+              'batch': a.batch, 'label_fraction': a.label_fraction, 'holdout': holdout, 'rgbd': rgbd,
+              'globloc_weights': ours, 'device': 'cpu',
               'threads': torch.get_num_threads(), 'rows': rows,
               'relative_constraints_translation_reduction': reduction,
               'posenet_over_globloc_median_ratio': rows[2]['median_translation_m_mean'] /

@@ -14,7 +14,7 @@ def share_file(relative: str) -> tuple[Path | None, list[Path]]:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
         try:
             tried.append(Path(get_package_share_directory(PACKAGE)) / relative)
-        except PackageNotFoundError:
+        except (PackageNotFoundError, OSError):  # OSError: AMENT_PREFIX_PATH unset (no ROS environment)
             pass
     except ImportError:
         pass

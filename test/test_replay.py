@@ -17,8 +17,10 @@ from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CompressedImage, Image
 
 from globloc.bags import Topics
+from globloc_ros import replay
 
 REPLAY = Path(sys.executable).parent / 'globloc-replay'
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _received(bag: Path, profile: Path | None = None) -> Counter:
@@ -62,3 +64,19 @@ def test_best_effort_subscriber_gets_every_rgbd_frame(real_bags, tmp_path):
     plain.write_text('<?xml version="1.0"?><dds xmlns="http://www.eprosima.com"><profiles><participant '
                      'profile_name="plain" is_default_profile="true"><rtps/></participant></profiles></dds>')
     assert _received(bag, plain)[Topics.depth] < 50
+
+
+def test_replay_picks_the_profile_unless_told_otherwise(monkeypatch):
+    """Without any ROS environment (AMENT_PREFIX_PATH unset) the source tree's profile is used; a profile or an
+    RMW named in the environment is left alone."""
+    for key in ('AMENT_PREFIX_PATH', 'FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
+                'RMW_IMPLEMENTATION'):
+        monkeypatch.delenv(key, raising=False)
+    profile = REPO / 'config' / replay.LARGE_DATA_PROFILE
+    assert replay.use_large_data_profile() == profile
+    assert os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] == str(profile)
+    monkeypatch.setenv('FASTDDS_DEFAULT_PROFILES_FILE', '/mine.xml')
+    assert replay.use_large_data_profile() is None and os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] == '/mine.xml'
+    monkeypatch.delenv('FASTDDS_DEFAULT_PROFILES_FILE')
+    monkeypatch.setenv('RMW_IMPLEMENTATION', 'rmw_cyclonedds_cpp')
+    assert replay.use_large_data_profile() is None and 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ

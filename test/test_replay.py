@@ -69,14 +69,13 @@ def test_best_effort_subscriber_gets_every_rgbd_frame(real_bags, tmp_path):
 def test_replay_picks_the_profile_unless_told_otherwise(monkeypatch):
     """Without any ROS environment (AMENT_PREFIX_PATH unset) the source tree's profile is used; a profile or an
     RMW named in the environment is left alone."""
-    for key in ('AMENT_PREFIX_PATH', 'FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE',
-                'RMW_IMPLEMENTATION'):
-        monkeypatch.delenv(key, raising=False)
+    env = {k: v for k, v in os.environ.items() if k not in (
+        'AMENT_PREFIX_PATH', 'FASTDDS_DEFAULT_PROFILES_FILE', 'FASTRTPS_DEFAULT_PROFILES_FILE', 'RMW_IMPLEMENTATION')}
+    monkeypatch.setattr(os, 'environ', env)  # what the function sets stays in this test
     profile = REPO / 'config' / replay.LARGE_DATA_PROFILE
-    assert replay.use_large_data_profile() == profile
-    assert os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] == str(profile)
-    monkeypatch.setenv('FASTDDS_DEFAULT_PROFILES_FILE', '/mine.xml')
-    assert replay.use_large_data_profile() is None and os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] == '/mine.xml'
-    monkeypatch.delenv('FASTDDS_DEFAULT_PROFILES_FILE')
-    monkeypatch.setenv('RMW_IMPLEMENTATION', 'rmw_cyclonedds_cpp')
-    assert replay.use_large_data_profile() is None and 'FASTDDS_DEFAULT_PROFILES_FILE' not in os.environ
+    assert replay.use_large_data_profile() == profile and env['FASTDDS_DEFAULT_PROFILES_FILE'] == str(profile)
+    env['FASTDDS_DEFAULT_PROFILES_FILE'] = '/mine.xml'
+    assert replay.use_large_data_profile() is None and env['FASTDDS_DEFAULT_PROFILES_FILE'] == '/mine.xml'
+    del env['FASTDDS_DEFAULT_PROFILES_FILE']
+    env['RMW_IMPLEMENTATION'] = 'rmw_cyclonedds_cpp'
+    assert replay.use_large_data_profile() is None and 'FASTDDS_DEFAULT_PROFILES_FILE' not in env

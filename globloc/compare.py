@@ -57,14 +57,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--quiet', action='store_true', help='no progress bars')
 
 
-def _train_once(a, name: str, seed: int, **extra) -> tuple[Path, float]:
+def _train_once(a, name: str, seed: int, holdout: str | None, **extra) -> tuple[Path, float]:
     out = Path(a.out) / 'models' / f'{name}_s{seed}.pt'
     if a.reuse and out.exists():
         meta = torch.load(out, map_location='cpu', weights_only=True)['meta']
         return out, float(meta.get('train_time_s', math.nan))
     t0 = time.perf_counter()
     train(bags=a.bags, out=out, steps=a.steps, seed=seed, input_size=a.input_size, batch=a.batch,
-          label_fraction=a.label_fraction, force=True, quiet=a.quiet, threads=a.threads, holdout=_holdout(a),
+          label_fraction=a.label_fraction, force=True, quiet=a.quiet, threads=a.threads, holdout=holdout,
           **extra)
     return out, time.perf_counter() - t0
 
@@ -103,7 +103,7 @@ def compare(a: argparse.Namespace) -> dict:
         runs = []
         for seed in seeds:
             if extra is not None:
-                trained[(name, seed)] = _train_once(a, name, seed, **extra)
+                trained[(name, seed)] = _train_once(a, name, seed, holdout, **extra)
             model, train_s = trained[(name, seed)]
             r = ev.evaluate(model, a.test_bags, split=a.split, method=method, frames=frames,
                             depth=rgbd and name != 'posenet' and method == 'align')

@@ -7,7 +7,9 @@ else the `globloc-localizer` console script; (4) replay the held-out sequence ov
 process collects the published poses and the node's diagnostics; (5) print frames, poses
 published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
 With --depth the replay also publishes the recorded depth and the node uses it (RGB-D, node parameter
-depth_topic) in place of the depth head, with the model trained for that (`globloc train --rgbd`).
+depth_topic) in place of the depth head, with the model trained for that (`globloc train --rgbd`), and refines each
+pose against a map cloud of the training sequences (`globloc map`, built once into the scene folder; node
+parameter map_cloud; --no-map: the one-shot poses).
 Every child process runs in its own process group and is killed on exit, whatever happens.
 """
 from __future__ import annotations
@@ -78,6 +80,17 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
     cmd = [sys.executable, '-m', 'globloc', 'train', '--bags', *train_bags, '--out', model, '--force', *recipe]
     _run(cmd)
     return model
+
+
+def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
+    """The map cloud of the training sequences (scene/train.map.npz), building it if absent."""
+    path = scene / 'train.map.npz'
+    if path.is_file():
+        _step(f'reusing the map cloud {path}')
+    else:
+        _step(f'building the map cloud of the training sequences -> {path}')
+        _run([sys.executable, '-m', 'globloc', 'map', '--bags', *train_bags, '--out', path])
+    return path
 
 
 def _recipe(meta: dict) -> list[str]:
@@ -218,6 +231,7 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
         'latency_p99_ms': diag.get('latency_receive_to_publish_p99_ms'),
         'localize_p50_ms': diag.get('localize_p50_ms'), 'localize_p99_ms': diag.get('localize_p99_ms'),
         'backend': diag.get('backend'), 'frames_with_depth': diag.get('frames_with_depth'),
+        'frames_refined': diag.get('frames_refined'),
         'frames_per_s': _pose_rate(list(collector.received_at.values())),
         'diagnostics': diag,
     })
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--no-launch', action='store_true', help='start the console script, not ros2 launch')
     parser.add_argument('--depth', action='store_true',
                         help='RGB-D: replay the recorded depth too; the node uses it in place of the depth head')
+    parser.add_argument('--no-map', action='store_true', help='with --depth: publish the one-shot poses, unrefined')
     args = parser.parse_args(argv)
     args.out = args.out or ROOT / 'out' / ('demo-rgbd' if args.depth else 'demo')
     args.model = args.model or (SHIPPED_RGBD_MODEL if args.depth else SHIPPED_MODEL)
@@ -259,10 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ, ROS_DOMAIN_ID=os.environ.get('ROS_DOMAIN_ID', str(random.randint(1, 200))),
                    ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
         os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
-        use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
-        _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
         from globloc.bags import Topics
         overrides = {'depth_topic': Topics.depth} if args.depth else {}
+        if args.depth and not args.no_map:
+            overrides['map_cloud'] = str(ensure_map(args.scene, bags[:-1]).resolve())
+        use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
+        _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
         node = start_node(model, args.out, env, use_launch, args.params_file, overrides)
         collector = Collector()
         _wait_for_node(collector, node, args.out / 'node.log')
@@ -328,8 +345,9 @@ def _print_summary(s: dict, out: Path, wall_s: float, rate: float, depth: bool =
     rows = [
         ('frames', s['frames']), ('poses published', s['poses_published']),
         *([('localized with their depth image', s.get('frames_with_depth'))] if depth else []),
+        *([('refined against the map cloud', s.get('frames_refined'))] if s.get('frames_refined') is not None else []),
         ('rejected (not confident)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
-        ('median translation error', fmt(s['median_translation_m'] * 100, '.1f') + ' cm'),
+        ('median translation error', fmt(s['median_translation_m'] * 100, '.2f') + ' cm'),
         ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),
         ('recall (5 cm, 5 deg)', fmt(s['recall_5cm_5deg'] * 100, '.1f') + ' %'),
         ('recall (10 cm, 10 deg)', fmt(s['recall_10cm_10deg'] * 100, '.1f') + ' %'),

@@ -366,6 +366,9 @@ def test_node_module_needs_no_tf2_at_import():
     (['-p', 'max_residual_m:=-1.0'], r"parameter 'max_residual_m': .*out of range"),  # rclpy checks the range
     (['-p', 'min_effective_points:=-1'], r"parameter 'min_effective_points': -1\.0 is outside"),  # we check ints
     (['-p', 'threads:=many'], r"parameter 'threads': expected a int"),
+    (['-p', 'map_cloud:=/nonexistent/place.map.npz'], r"parameter 'map_cloud' refines poses with the measured depth"),
+    (['-p', 'map_cloud:=/nonexistent/place.map.npz', '-p', f'depth_topic:={DEPTH_TOPIC}'],
+     r"parameter 'map_cloud': map cloud not found: /nonexistent/place\.map\.npz"),
 ])
 def test_bad_model_or_parameter_exits_nonzero_with_a_clear_message(args, expect, setup, ros_env, tmp_path):
     corrupt = tmp_path / 'corrupt.pt'
@@ -676,3 +679,53 @@ class TestDepth:
         diag = peer.fresh_diag()
         assert int(diag['frames_without_depth']) == before + 2
         assert 'CameraInfo.width/height says' in diag['last_reason_depth'] and node.alive()
+
+
+class TestDepthMap:
+    """RGB-D with a map cloud of the training sequences: the node publishes what the offline Localizer with the same
+    map gives, refined or (where the refinement refuses) one-shot, and counts both."""
+
+    @pytest.fixture(scope='class')
+    def map_path(self, setup, tmp_path_factory):
+        from globloc.bags import read_sequence
+        from globloc_ros.mapcloud import build_map, save_map
+        scene = setup['bag'].parent
+        views = [(f.depth, f.K, f.T_map_cam) for i in (0, 1)
+                 for f in read_sequence(scene / f'seq_0{i}', seq=i, progress=False).frames]
+        path = tmp_path_factory.mktemp('map') / 'train.map.npz'
+        save_map(build_map(views), path)
+        return path
+
+    @pytest.fixture(scope='class')
+    def node(self, peer, setup, map_path, tmp_path_factory):
+        log = tmp_path_factory.mktemp('node_map') / 'node.log'
+        node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={DEPTH_TOPIC}',
+                                 '-p', f'map_cloud:={map_path}', '-p', 'depth_wait:=0.5',
+                                 '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
+        assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
+        yield node
+        assert node.stop() == 0, node.output()
+
+    def test_published_poses_are_the_refined_ones(self, node, peer, setup, map_path):
+        from globloc_ros.runtime import Localizer
+        lz = Localizer(setup['model'], map_cloud=map_path, max_residual_m=1e6, min_effective_points=0.0)
+        refined = 0
+        frames = setup['frames'][::3]
+        for f in frames:
+            stamp = f.stamp_ns + 40_000_000_000
+            peer.pub_depth.publish(depth_msg(f.depth, stamp))
+            peer.send(f, stamp_ns=stamp)
+            assert peer.wait(lambda: stamp in peer.poses and stamp in peer.poses_cov, 10), node.output()
+            ref = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000)  # what survives 16UC1
+            assert ref.refinement is not None
+            refined += ref.refinement.accepted
+            with peer.lock:
+                cov_msg = peer.poses_cov[stamp]
+            assert_pose_close(pose_matrix(cov_msg.pose.pose), ref.T_map_cam)
+            np.testing.assert_allclose(np.reshape(cov_msg.pose.covariance, (6, 6)), ref.covariance,
+                                       rtol=1e-3, atol=1e-12)
+        diag = peer.fresh_diag()
+        assert int(diag['frames_refined']) == refined and int(diag['frames_not_refined']) == len(frames) - refined
+        assert refined > 0 and 0 < float(diag['refine_inliers']) <= 1
+        if refined < len(frames):
+            assert diag['last_reason_refine']

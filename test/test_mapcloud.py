@@ -104,7 +104,8 @@ def test_refinement_recovers_perturbed_poses_of_held_out_frames(scene_map):
         T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.04, 3), rng.normal(0, 1.5, 3))
         r = mc.refine_pose(cloud, T0, f.depth, f.K, PRIOR)
         assert r.accepted, r.reason
-        assert r.inlier_fraction > 0.8 and r.rms_m < 0.02 and r.points > 1000  # some surfaces were never mapped
+        assert r.inlier_fraction > 0.8 and r.rms_m < 0.02  # some surfaces were never mapped
+        assert 500 < r.points <= mc.MAX_QUERY_POINTS
         errors.append(_errors(r.T_map_cam, f.T_map_cam))
         assert errors[-1][0] < _errors(T0, f.T_map_cam)[0]
     t, rot = np.array(errors).T

@@ -48,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--depth', action='store_true',
                    help="RGB-D: give the Localizer each frame's recorded depth, which replaces the depth head's")
     p.add_argument('--map', default=None, metavar='MAP',
-                   help='with --depth: refine each confident pose against this map cloud (`globloc map`)')
+                   help='refine each confident pose against this map (`globloc map`): ICP with --depth, else '
+                        'image features')
     p.add_argument('--max-frames', type=int, default=None, help='first N frames of each bag')
     bg.add_topic_argument(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -96,8 +97,8 @@ class _RuntimeLocalizer:
     """globloc_ros.runtime.Localizer (the node's backend), on the CPU in fp32 (what the report states), also
     where a GPU is present."""
 
-    def __init__(self, model_path, backend: str, map_cloud=None):
-        self.loc = Localizer(model_path, backend=backend, device='cpu', map_cloud=map_cloud)
+    def __init__(self, model_path, backend: str, place_map=None):
+        self.loc = Localizer(model_path, backend=backend, device='cpu', place_map=place_map)
         self.meta = {}
 
     def __call__(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None):
@@ -116,9 +117,9 @@ class _RuntimeLocalizer:
 
 
 def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
-                    warmup: int = 3, depth: bool = False, map_cloud=None):
-    """Localise each frame (depth: with its recorded depth, RGB-D; map_cloud: refined against that map cloud
-    file, which needs depth). Returns T_est (N, 4, 4), ok (N,) bool,
+                    warmup: int = 3, depth: bool = False, place_map=None):
+    """Localise each frame (depth: with its recorded depth, RGB-D; place_map: refined against that map file).
+    Returns T_est (N, 4, 4), ok (N,) bool,
     time_ms (N,), extras (list of dicts), meta, and the backend actually used ('direct' for posenet models and
     for PnP)."""
     arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
@@ -127,12 +128,13 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     if depth and backend == 'direct':
         raise ValueError(f'--depth needs a scene-coordinate model run by the Localizer (--backend torch, onnxruntime '
                          f'or auto, --method align); got a {arch} model, backend {backend}, method {method}')
-    if map_cloud is not None and not depth:
-        raise ValueError('--map refines with the measured depth: add --depth')
+    if place_map is not None and backend == 'direct':
+        raise ValueError(f'--map needs a scene-coordinate model run by the Localizer (--backend torch, onnxruntime or '
+                         f'auto, --method align); got a {arch} model, backend {backend}, method {method}')
     if depth and (missing := sum(f.depth is None for f in frames)):
         raise ValueError(f'--depth: {missing} of {len(frames)} test frames have no recorded depth')
     loc = (_DirectLocalizer(model_path, method) if backend == 'direct'
-           else _RuntimeLocalizer(model_path, backend, map_cloud))
+           else _RuntimeLocalizer(model_path, backend, place_map))
     args = (lambda f: (f.image, f.K, f.depth)) if depth else (lambda f: (f.image, f.K))
     for f in frames[:warmup]:  # first calls allocate; keep them out of the timing
         loc(*args(f))
@@ -216,15 +218,15 @@ def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
 
 def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', method: str = 'align',
              json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None,
-             topics: bg.Topics = bg.Topics(), depth: bool = False, map_cloud=None) -> dict:
+             topics: bg.Topics = bg.Topics(), depth: bool = False, place_map=None) -> dict:
     """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc).
-    depth: RGB-D, the Localizer gets each frame's recorded depth; map_cloud: a map cloud file to refine against."""
+    depth: RGB-D, the Localizer gets each frame's recorded depth; place_map: a map file to refine against."""
     frames = frames if frames is not None else load_test_frames(bags, split, max_frames, topics)
     if not frames:
         raise ValueError(f'no test frames in {bags} (split {split})')
     T_gt = np.stack([f.T_map_cam for f in frames])
     T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method, depth=depth,
-                                                              map_cloud=map_cloud)
+                                                              place_map=place_map)
     summary, t_err, r_err, t_raw, r_raw = pose_metrics(T_est, T_gt, ok)
     seen = frames_seen_in_training(meta, bags, frames)
     if seen:
@@ -233,7 +235,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     h, w = frames[0].image.shape[:2]
     report = {
         'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
-        'backend': backend, 'method': method, 'depth_input': depth, 'map_cloud': map_cloud and str(map_cloud),
+        'backend': backend, 'method': method, 'depth_input': depth, 'place_map': place_map and str(place_map),
         'refined_fraction': float(np.mean([e.get('refined', False) for e in extras])), 'device': 'cpu', 'threads': torch.get_num_threads(),
         'precision': 'fp32', 'recorded_size': [w, h],
         'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
@@ -371,7 +373,7 @@ def format_summary(r: dict) -> str:
             f"{r['recall_10cm_10deg']:.3f}, 25cm/2deg {r['recall_25cm_2deg']:.3f}; "
             f"{t['mean']:.1f} ms/frame (p50 {t['p50']:.1f}, p99 {t['p99']:.1f}, {r['backend']}, {r['method']}"
             f"{', RGB-D' if r.get('depth_input') else ''}"
-            + (f", {r['refined_fraction']:.0%} refined against the map" if r.get('map_cloud') else '') + "); "
+            + (f", {r['refined_fraction']:.0%} refined against the map" if r.get('place_map') else '') + "); "
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
             f"{r['ungated']['median_rotation_deg']:.2f} deg"
             + (f"; {r['frames_seen_in_training']} of these frames were training frames"
@@ -398,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f'model file not found: {args.model}')
     r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,
                  json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames,
-                 topics=bg.parse_topics(args.topic), depth=args.depth, map_cloud=args.map)
+                 topics=bg.parse_topics(args.topic), depth=args.depth, place_map=args.map)
     print(format_summary(r))
     if args.json:
         print(f'wrote {args.json}')

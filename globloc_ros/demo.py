@@ -6,10 +6,10 @@ models/ (or, with --train, train one from the bags with the shipped model's reco
 else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while this
 process collects the published poses and the node's diagnostics; (5) print frames, poses
 published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
+The node refines each pose against a map of the training sequences (`globloc map`, built once into the scene
+folder; node parameter place_map): image features and PnP, or with --depth ICP. --no-map: the one-shot poses.
 With --depth the replay also publishes the recorded depth and the node uses it (RGB-D, node parameter
-depth_topic) in place of the depth head, with the model trained for that (`globloc train --rgbd`), and refines each
-pose against a map cloud of the training sequences (`globloc map`, built once into the scene folder; node
-parameter map_cloud; --no-map: the one-shot poses).
+depth_topic) in place of the depth head, with the model trained for that (`globloc train --rgbd`).
 Every child process runs in its own process group and is killed on exit, whatever happens.
 """
 from __future__ import annotations
@@ -83,12 +83,12 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
 
 
 def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
-    """The map cloud of the training sequences (scene/train.map.npz), building it if absent."""
+    """The map of the training sequences (scene/train.map.npz), building it if absent."""
     path = scene / 'train.map.npz'
     if path.is_file():
-        _step(f'reusing the map cloud {path}')
+        _step(f'reusing the map {path}')
     else:
-        _step(f'building the map cloud of the training sequences -> {path}')
+        _step(f'building the map of the training sequences -> {path}')
         _run([sys.executable, '-m', 'globloc', 'map', '--bags', *train_bags, '--out', path])
     return path
 
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--no-launch', action='store_true', help='start the console script, not ros2 launch')
     parser.add_argument('--depth', action='store_true',
                         help='RGB-D: replay the recorded depth too; the node uses it in place of the depth head')
-    parser.add_argument('--no-map', action='store_true', help='with --depth: publish the one-shot poses, unrefined')
+    parser.add_argument('--no-map', action='store_true', help='publish the one-shot poses, not refined against a map')
     args = parser.parse_args(argv)
     args.out = args.out or ROOT / 'out' / ('demo-rgbd' if args.depth else 'demo')
     args.model = args.model or (SHIPPED_RGBD_MODEL if args.depth else SHIPPED_MODEL)
@@ -276,8 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
         from globloc.bags import Topics
         overrides = {'depth_topic': Topics.depth} if args.depth else {}
-        if args.depth and not args.no_map:
-            overrides['map_cloud'] = str(ensure_map(args.scene, bags[:-1]).resolve())
+        if not args.no_map:
+            overrides['place_map'] = str(ensure_map(args.scene, bags[:-1]).resolve())
         use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
         _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
         node = start_node(model, args.out, env, use_launch, args.params_file, overrides)
@@ -345,7 +345,7 @@ def _print_summary(s: dict, out: Path, wall_s: float, rate: float, depth: bool =
     rows = [
         ('frames', s['frames']), ('poses published', s['poses_published']),
         *([('localized with their depth image', s.get('frames_with_depth'))] if depth else []),
-        *([('refined against the map cloud', s.get('frames_refined'))] if s.get('frames_refined') is not None else []),
+        *([('refined against the map', s.get('frames_refined'))] if s.get('frames_refined') is not None else []),
         ('rejected (not confident)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
         ('median translation error', fmt(s['median_translation_m'] * 100, '.2f') + ' cm'),
         ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),

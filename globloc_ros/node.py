@@ -11,8 +11,9 @@ Callbacks only store messages, so they never block; the mailbox keeps the newest
 the ones it replaces as dropped, so memory stays bounded under any input rate. With depth_topic set (an RGB-D
 camera), the depth image with the frame's stamp (within depth_tolerance; the worker waits up to depth_wait for it)
 replaces the depth head's depth in the alignment; a frame without one, or with a bad one, is localized from the
-image alone and counted (frames_without_depth, last_reason_depth). With map_cloud as well, each confident pose is
-refined against the map (mapcloud.refine_pose); a refinement it rejects leaves the one-shot pose. Parameters are
+image alone and counted (frames_without_depth, last_reason_depth). With place_map, each confident pose is refined
+against that map (placemap.refine: ICP with the frame's depth, else image features); a refinement it refuses leaves
+the one-shot pose. Parameters are
 declared in one table (PARAMETERS) and read once at start; an invalid value, a missing tf2_ros or a
 missing/corrupt model ends the process with exit code 2 and one line naming the cause.
 
@@ -27,7 +28,7 @@ Outputs (node name `globloc` by default), all stamped with the image's stamp, in
   (meaningful for live or --restamp'ed stamps), latency_receive_to_publish, processing, localize and
   node_overhead (receive -> publish minus localize), the last residual_m / n_eff / spread_m; with depth_topic:
   frames_with_depth, frames_without_depth, last_reason_depth, the last measured_depth (fraction of cells); with
-  map_cloud: frames_refined, frames_not_refined, last_reason_refine, the last refine_inliers.
+  place_map: frames_refined, frames_not_refined, last_reason_refine, the last refine_inliers.
 A frame is published only when the Localizer calls it confident and the pose is finite and rigid.
 
     globloc-localizer --ros-args -p model:=model.pt -p publish_tf:=map_to_odom
@@ -97,8 +98,8 @@ PARAMETERS = (
           '32FC1 m or 16UC1 mm), used in place of the depth head; empty: the image alone'),
     Param('depth_tolerance', 0.01, 'seconds: the largest stamp difference between an image and its depth image',
           low=0.0, high=1.0),
-    Param('map_cloud', '', 'RGB-D: map cloud file (`globloc map`); each confident pose is refined against it with '
-          'the depth image (point-to-plane ICP); empty: the one-shot pose'),
+    Param('place_map', '', 'map file (`globloc map`): each confident pose is refined against it (ICP with the '
+          "frame's depth image, else image features and PnP); empty: the one-shot pose"),
     Param('depth_wait', 0.05, "seconds to wait for a frame's depth image before localizing without it",
           low=0.0, high=1.0),
     Param('map_frame', 'map', 'frame of the published poses'),
@@ -341,7 +342,7 @@ class LocalizerNode(Node):
             f'localizing {self.image_topic} + {self.cfg["camera_info_topic"]}'
             + (f' + depth {self.cfg["depth_topic"]}' if self.cfg['depth_topic'] else '')
             + f' with {self.cfg["model"]} '
-            + (f'refined against {self.cfg["map_cloud"]} ' if self.cfg['map_cloud'] else '')
+            + (f'refined against {self.cfg["place_map"]} ' if self.cfg['place_map'] else '')
             + f'({lz.backend}, {lz.device}, {lz.precision}, input {lz.input_size[0]}x{lz.input_size[1]}); '
             f'poses on {self.pub_pose.topic_name}, TF {self.cfg["publish_tf"]}')
 
@@ -359,8 +360,6 @@ class LocalizerNode(Node):
                 raise ConfigError(f"parameter '{name}' must not be empty")
         if cfg['publish_tf'] == 'map_to_odom' and cfg['odom_frame'] == cfg['map_frame']:
             raise ConfigError("parameter 'odom_frame' must differ from 'map_frame' for publish_tf=map_to_odom")
-        if cfg['map_cloud'] and not cfg['depth_topic']:
-            raise ConfigError("parameter 'map_cloud' refines poses with the measured depth: set 'depth_topic' too")
         cfg['model'] = str(default_model_path()) if not cfg['model'] else cfg['model']
         return cfg
 
@@ -383,19 +382,19 @@ class LocalizerNode(Node):
         model = self.cfg['model']
         if not Path(model).exists():
             raise ConfigError(f"parameter 'model': file not found: {model}")
-        from globloc_ros.mapcloud import MapError, load_map
+        from globloc_ros.placemap import MapError, load_map
         from globloc_ros.runtime import Localizer, LocalizerError  # torch/onnxruntime: imported after the checks
 
         try:
-            map_cloud = load_map(self.cfg['map_cloud']) if self.cfg['map_cloud'] else None
+            place_map = load_map(self.cfg['place_map']) if self.cfg['place_map'] else None
         except MapError as e:
-            raise ConfigError(f"parameter 'map_cloud': {e}") from e
+            raise ConfigError(f"parameter 'place_map': {e}") from e
         try:
             auto = {'auto': None}
             lz = Localizer(model, backend=self.cfg['backend'], device=auto.get(self.cfg['device'], self.cfg['device']),
                            threads=self.cfg['threads'] or None, max_residual_m=self.cfg['max_residual_m'],
                            min_effective_points=self.cfg['min_effective_points'],
-                           precision=auto.get(self.cfg['precision'], self.cfg['precision']), map_cloud=map_cloud)
+                           precision=auto.get(self.cfg['precision'], self.cfg['precision']), place_map=place_map)
         except (LocalizerError, ValueError, FileNotFoundError) as e:
             raise ConfigError(f"parameter 'model' ({model}): {e}") from e
         # One warm-up call so the first camera frame is not the one paying for lazy initialisation.
@@ -612,7 +611,7 @@ class LocalizerNode(Node):
             **({'frames_with_depth': counts['with_depth'], 'frames_without_depth': counts['without_depth'],
                 'last_reason_depth': reasons.get('without_depth', '')} if self.cfg['depth_topic'] else {}),
             **({'frames_refined': counts['refined'], 'frames_not_refined': counts['not_refined'],
-                'last_reason_refine': reasons.get('not_refined', '')} if self.cfg['map_cloud'] else {}),
+                'last_reason_refine': reasons.get('not_refined', '')} if self.cfg['place_map'] else {}),
             **{k: f'{v:.4g}' for k, v in last.items()},
             **{f'last_reason_{c}': reasons.get(c, '') for c in CATEGORIES},
             'backend': lz.backend, 'device': lz.device, 'precision': lz.precision,

@@ -3,7 +3,7 @@
     lz = Localizer('models/scene.pt')                # backend='auto': the fastest one available here
     result = lz.localize(rgb, K)                     # rgb (H, W, 3) uint8, K (3, 3) of that image
     result = lz.localize(rgb, K, depth)              # RGB-D: depth (H, W) metres registered to rgb
-    lz = Localizer('models/scene.pt', map_cloud='models/scene.map.npz')  # RGB-D: + ICP against the map
+    lz = Localizer('models/scene.pt', place_map='scene.map.npz')  # + refined against the map (`globloc map`)
     if result.confident: publish(result.T_map_cam, result.covariance)
 
 Model files it reads (each checked at construction, never at the first frame):
@@ -40,7 +40,7 @@ import torch
 
 from globloc_ros import align as _align
 from globloc_ros.frames import backproject, cell_centres, depth_at_cells, scale_intrinsics
-from globloc_ros.mapcloud import MapCloud, MapError, Refinement, load_map, refine_pose
+from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, refine
 from globloc_ros.net import with_measured_depth
 
 # ------------------------------------------------------------------------------------------ metadata schema
@@ -72,8 +72,8 @@ class Result:
     covariance (6, 6): x, y, z, roll, pitch, yaw order (align.pose_covariance).
     timings_ms: 'preprocess', 'network' (+ alignment for fused graphs), 'alignment' (where separable), 'total'.
     measured_depth: fraction of the cells whose depth came from the measured depth (0 without one).
-    refinement: the map ICP's answer (mapcloud.Refinement; T_map_cam and covariance above are its own when it was
-    accepted), None when not attempted (no map cloud, no depth, or a pose that was not confident).
+    refinement: the refinement against the place map (placemap.Refinement; T_map_cam and covariance above are its
+    own when it was accepted), None when not attempted (no map, or a pose that was not confident).
     """
     T_map_cam: np.ndarray
     residual: float
@@ -563,15 +563,15 @@ class Localizer:
     A pose is confident when finite, not degenerate, n_eff >= min_effective_points and
     residual <= max_residual_m. Raises LocalizerError (files, versions, unavailable backends) or ValueError
     (arguments).
-    map_cloud: a map cloud file (`globloc map`) or MapCloud: confident RGB-D poses are then refined against it
-    (mapcloud.refine_pose); None: the one-shot pose as is.
+    place_map: a map file (`globloc map`) or PlaceMap: confident poses are then refined against it (placemap.refine:
+    ICP with a depth image, else image features); None: the one-shot pose as is.
     """
 
     def __init__(self, model_path, backend: str = 'auto', device: str | None = None, threads: int | None = None,
                  max_residual_m: float = MAX_RESIDUAL_M, min_effective_points: float = MIN_EFFECTIVE_POINTS,
                  precision: str | None = None,
                  cache_dir: str | os.PathLike | None = None,
-                 map_cloud: str | os.PathLike | MapCloud | None = None):
+                 place_map: str | os.PathLike | PlaceMap | None = None):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if device not in (None, 'cpu', 'cuda'):
@@ -595,9 +595,9 @@ class Localizer:
         if not path.is_file():
             raise LocalizerError(f'model file not found: {path}')
         try:
-            self.map_cloud = map_cloud if map_cloud is None or isinstance(map_cloud, MapCloud) else load_map(map_cloud)
-            if self.map_cloud is not None:
-                self.map_cloud.tree  # built now, not at the first frame
+            self.place_map = place_map if place_map is None or isinstance(place_map, PlaceMap) else load_map(place_map)
+            if self.place_map is not None and len(self.place_map.points):
+                self.place_map.tree  # built now, not at the first frame
         except MapError as e:
             raise LocalizerError(str(e)) from e
         kind = 'engine' if path.suffix in ENGINE_SUFFIXES else 'onnx' if path.suffix == '.onnx' else 'model'
@@ -698,11 +698,11 @@ class Localizer:
         cov = covariance(residual, n_eff, spread)
         timings = {'preprocess': _ms(t0, t1), **stages}
         refinement = None
-        if self.map_cloud is not None and depth is not None and confident:
+        if self.place_map is not None and confident:
             t2 = time.perf_counter()
-            Kd = scale_intrinsics(K, depth.shape[1] / image.shape[1], depth.shape[0] / image.shape[0])
-            refinement = refine_pose(self.map_cloud, T, depth, Kd, cov)
-            T, cov = refinement.T_map_cam, refinement.covariance
+            refinement = refine(self.place_map, T, image, np.asarray(K, np.float64), depth, cov)
+            if refinement is not None:
+                T, cov = refinement.T_map_cam, refinement.covariance
             timings['refine'] = _ms(t2, time.perf_counter())
         timings['total'] = _ms(t0, time.perf_counter())
         return Result(T, residual, n_eff, spread, confident, reason, cov, timings, measured, refinement)

@@ -28,7 +28,7 @@ ARGUMENTS = (
     ('image_topic', '', 'camera image topic; empty: params_file'),
     ('camera_info_topic', '', 'CameraInfo topic; empty: params_file'),
     ('depth_topic', '', 'RGB-D: registered depth image topic; empty: params_file (default: the image alone)'),
-    ('map_cloud', '', 'RGB-D: map cloud file (`globloc map`) to refine poses against; empty: params_file'),
+    ('place_map', '', 'map file (`globloc map`) to refine poses against; empty: params_file'),
     ('backend', '', 'auto | tensorrt | onnxruntime | torch; empty: params_file'),
     ('qos', '', 'sensor_data | reliable (camera subscriptions); empty: params_file'),
     ('publish_tf', '', 'none | map_to_camera | map_to_odom; empty: params_file'),
@@ -36,7 +36,7 @@ ARGUMENTS = (
     ('bag', '', 'optional: replay this bag (globloc-replay) into the node'),
     ('replay_rate', '1.0', 'with bag: recorded rate times this'),
 )
-OVERRIDES = ('model', 'image_topic', 'camera_info_topic', 'depth_topic', 'map_cloud', 'backend', 'qos', 'publish_tf')
+OVERRIDES = ('model', 'image_topic', 'camera_info_topic', 'depth_topic', 'place_map', 'backend', 'qos', 'publish_tf')
 
 
 def _on_localizer_exit(event, _context):

@@ -366,9 +366,8 @@ def test_node_module_needs_no_tf2_at_import():
     (['-p', 'max_residual_m:=-1.0'], r"parameter 'max_residual_m': .*out of range"),  # rclpy checks the range
     (['-p', 'min_effective_points:=-1'], r"parameter 'min_effective_points': -1\.0 is outside"),  # we check ints
     (['-p', 'threads:=many'], r"parameter 'threads': expected a int"),
-    (['-p', 'map_cloud:=/nonexistent/place.map.npz'], r"parameter 'map_cloud' refines poses with the measured depth"),
-    (['-p', 'map_cloud:=/nonexistent/place.map.npz', '-p', f'depth_topic:={DEPTH_TOPIC}'],
-     r"parameter 'map_cloud': map cloud not found: /nonexistent/place\.map\.npz"),
+    (['-p', 'place_map:=/nonexistent/place.map.npz'],
+     r"parameter 'place_map': map file not found: /nonexistent/place\.map\.npz"),
 ])
 def test_bad_model_or_parameter_exits_nonzero_with_a_clear_message(args, expect, setup, ros_env, tmp_path):
     corrupt = tmp_path / 'corrupt.pt'
@@ -682,15 +681,16 @@ class TestDepth:
 
 
 class TestDepthMap:
-    """RGB-D with a map cloud of the training sequences: the node publishes what the offline Localizer with the same
-    map gives, refined or (where the refinement refuses) one-shot, and counts both."""
+    """RGB-D with a map of the training sequences: the node publishes what the offline Localizer with the same map
+    gives, refined (ICP with the frame's depth, image features for a frame without) or, where the refinement
+    refuses, one-shot, and counts both."""
 
     @pytest.fixture(scope='class')
     def map_path(self, setup, tmp_path_factory):
         from globloc.bags import read_sequence
-        from globloc_ros.mapcloud import build_map, save_map
+        from globloc_ros.placemap import View, build_map, save_map
         scene = setup['bag'].parent
-        views = [(f.depth, f.K, f.T_map_cam) for i in (0, 1)
+        views = [View(f.image, f.K, f.T_map_cam, f.depth) for i in (0, 1)
                  for f in read_sequence(scene / f'seq_0{i}', seq=i, progress=False).frames]
         path = tmp_path_factory.mktemp('map') / 'train.map.npz'
         save_map(build_map(views), path)
@@ -700,7 +700,7 @@ class TestDepthMap:
     def node(self, peer, setup, map_path, tmp_path_factory):
         log = tmp_path_factory.mktemp('node_map') / 'node.log'
         node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={DEPTH_TOPIC}',
-                                 '-p', f'map_cloud:={map_path}', '-p', 'depth_wait:=0.5',
+                                 '-p', f'place_map:={map_path}', '-p', 'depth_wait:=0.5',
                                  '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
         assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
         yield node
@@ -708,16 +708,19 @@ class TestDepthMap:
 
     def test_published_poses_are_the_refined_ones(self, node, peer, setup, map_path):
         from globloc_ros.runtime import Localizer
-        lz = Localizer(setup['model'], map_cloud=map_path, max_residual_m=1e6, min_effective_points=0.0)
+        lz = Localizer(setup['model'], place_map=map_path, max_residual_m=1e6, min_effective_points=0.0)
         refined = 0
         frames = setup['frames'][::3]
-        for f in frames:
+        for k, f in enumerate(frames):
             stamp = f.stamp_ns + 40_000_000_000
-            peer.pub_depth.publish(depth_msg(f.depth, stamp))
+            with_depth = k % 3 != 2  # every third frame comes without its depth image
+            if with_depth:
+                peer.pub_depth.publish(depth_msg(f.depth, stamp))
             peer.send(f, stamp_ns=stamp)
             assert peer.wait(lambda: stamp in peer.poses and stamp in peer.poses_cov, 10), node.output()
-            ref = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000)  # what survives 16UC1
-            assert ref.refinement is not None
+            # what survives 16UC1
+            ref = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000 if with_depth else None)
+            assert ref.refinement.method == ('icp' if with_depth else 'features')
             refined += ref.refinement.accepted
             with peer.lock:
                 cov_msg = peer.poses_cov[stamp]

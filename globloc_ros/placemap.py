@@ -1,0 +1,482 @@
+"""A map of the place, and the pose refinements against it. Never imports rclpy.
+
+The one-shot alignment (align.py) gives T_map_cam from the network's scene coordinates, centimetres to decimetres
+off on new viewpoints. A map built once from the training bags (`globloc map`) then pins the pose down:
+- with a depth camera: point-to-plane ICP of the frame's depth against the map's surfaces (refine_icp);
+- with the image alone: ORB features of the frame matched to the map's ORB features near where the one-shot pose
+  projects them, then PnP-RANSAC (refine_features).
+
+    place = build_map(views)            # views: View(image, K, T_map_cam, depth) of recorded RGB-D frames
+    save_map(place, 'place.map.npz'); place = load_map('place.map.npz')
+    r = refine(place, T_map_cam, image, K, depth, prior_covariance)   # r.accepted -> r.T_map_cam
+
+The map is built from the bags' recorded depth and poses: (a) surfaces, voxel-averaged points with normals, and
+(b) features, ORB descriptors with their map-frame points. A camera without depth still uses (b) at run time; bags
+without depth cannot make a map yet (that needs the features triangulated across frames).
+Fail-safe rules: directions the surfaces do not constrain (a single wall leaves three) keep the one-shot pose; a
+refinement with too little support on the map, or a correction larger than the one-shot error can be, is refused,
+and the caller keeps the one-shot pose.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Iterable, NamedTuple
+
+import cv2
+import numpy as np
+from scipy.spatial import cKDTree
+
+from globloc_ros.frames import scale_intrinsics
+
+MAP_FORMAT = 'globloc-place-map'
+MAP_VERSION = 1
+VOXEL_M = 0.02
+MIN_POINTS = 50
+# ICP. Correspondence distance per iteration: coarse to fine, then up to 18 more at 5 cm until the update is below
+# 1e-6. A tighter last gate (2-3 cm) made real depth (SUN3D) converge less consistently from different starts.
+GATES_M = (0.2, 0.1, *[0.05] * 18)
+MIN_EIGENVALUE = 1e-3  # of the per-point normal matrix A^T A / N: below it a direction is not constrained
+MIN_INLIER_FRACTION = 0.5
+MAX_CORRECTION = (0.3, 10.0)  # metres, degrees: an RGB-D one-shot pose this far off would not have passed its gate
+MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors, 1500 cost twice the time on 640x480
+# Features. Search radii (pixels at 320x240, scaled with the image width) of the two matching rounds: around where
+# the one-shot pose projects the map's features, then around where the first PnP pose does.
+MAP_FEATURES = 500  # ORB features per recorded frame
+FEATURE_VOXEL_M, FEATURES_PER_VOXEL = 0.02, 1  # one descriptor per point of the place: 3 were 10 % more accurate, 1.8x slower
+QUERY_FEATURES = 1000
+RADII_PX = (20.0, 6.0)
+MAX_HAMMING = 50
+RATIO = 0.8
+PNP_ERROR_PX = 3.0
+MIN_PNP_INLIERS = 20
+MAX_FEATURE_CORRECTION = (0.5, 15.0)  # monocular one-shot poses are decimetres off
+# A PnP pose is taken only when its own covariance pins it: position std <= 1 % of the matched points' median depth
+# and rotation std <= 1 deg. In low-resolution views (160x120) PnP poses 7-30 cm off came with stds of 1.4 % and
+# more; right ones with 1.3 % and less.
+MAX_RELATIVE_STD, MAX_ROTATION_STD_DEG = 0.01, 1.0
+# Result covariance order (x, y, z, roll, pitch, yaw) from the refinement parameters (rotation (3), translation (3)).
+_TO_ROS = np.array([3, 4, 5, 0, 1, 2])
+
+
+class MapError(RuntimeError):
+    """A map file that cannot be used; the message names the file and the problem."""
+
+
+class View(NamedTuple):
+    """One recorded frame for build_map: image (H, W, 3) uint8 RGB, K (3, 3), T_map_cam (4, 4), depth (H, W)
+    metres (NaN: not measured) registered to the image, or None (the frame is skipped)."""
+    image: np.ndarray
+    K: np.ndarray
+    T_map_cam: np.ndarray
+    depth: np.ndarray | None
+
+
+@dataclass
+class PlaceMap:
+    """Surfaces: points, normals (N, 3) float32, voxel centroids in the map frame (metres) and unit normals; N is 0
+    without recorded depth. voxel: their averaging voxel (m).
+    Features: feature_points (M, 3) float32 map frame (metres) and descriptors (M, 32) uint8 (ORB).
+    meta: where it came from (bags, frames)."""
+    points: np.ndarray
+    normals: np.ndarray
+    voxel: float
+    feature_points: np.ndarray
+    descriptors: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+    @cached_property
+    def tree(self) -> cKDTree:
+        return cKDTree(self.points)
+
+
+@dataclass
+class Refinement:
+    """A refinement's answer. method: 'icp' or 'features'. T_map_cam (4, 4): refined when accepted, else the pose
+    given. covariance (6, 6): x, y, z, roll, pitch, yaw (fixed map axes, about the camera centre), as in
+    PoseWithCovariance. constrained: how many of the 6 pose directions the data pinned (the others kept the pose
+    given). points: depth points or feature matches tried; inlier_fraction: the share that agreed with the result;
+    rms: their residual (ICP: m, point to plane; features: px). reason: '' when accepted, else why not."""
+    method: str
+    T_map_cam: np.ndarray
+    accepted: bool
+    reason: str
+    covariance: np.ndarray
+    inlier_fraction: float = 0.0
+    rms: float = float('nan')
+    constrained: int = 0
+    points: int = 0
+
+
+# ------------------------------------------------------------------------------------------------ building
+def depth_points(depth: np.ndarray, K: np.ndarray, stride: int) -> np.ndarray:
+    """depth (H, W) metres along the optical axis (NaN / <= 0: not measured), K (3, 3) of that image ->
+    camera-frame points (h, w, 3) of every stride-th pixel (NaN where not measured)."""
+    d = np.asarray(depth, np.float64)[::stride, ::stride]
+    d = np.where(np.isfinite(d) & (d > 0), d, np.nan)
+    v, u = np.mgrid[0:depth.shape[0]:stride, 0:depth.shape[1]:stride].astype(np.float64)
+    return np.stack([(u - K[0, 2]) / K[0, 0] * d, (v - K[1, 2]) / K[1, 1] * d, d], -1)
+
+
+def surface_normals(X: np.ndarray, max_step: float = 0.1) -> np.ndarray:
+    """X (h, w, 3) camera-frame points on a pixel grid -> unit normals (h, w, 3) facing the camera, NaN at the
+    border, at depth edges and on grazing surfaces (a neighbour farther than max_step x depth)."""
+    dx = np.full_like(X, np.nan)
+    dy = np.full_like(X, np.nan)
+    dx[:, 1:-1] = X[:, 2:] - X[:, :-2]
+    dy[1:-1] = X[2:] - X[:-2]
+    n = np.cross(dx, dy)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        n /= np.linalg.norm(n, axis=-1, keepdims=True)
+        n[np.sum(n * X, -1) > 0] *= -1
+        edge = (np.linalg.norm(dx, axis=-1) > max_step * X[..., 2]) | (np.linalg.norm(dy, axis=-1) > max_step * X[..., 2])
+    n[edge] = np.nan
+    return n
+
+
+def orb(n_features: int) -> cv2.ORB:
+    return cv2.ORB_create(nfeatures=n_features, fastThreshold=10)
+
+
+def frame_features(view: View, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarray]:
+    """ORB features of one recorded frame with recorded depth, as (map-frame points (m, 3), descriptors (m, 32)):
+    those whose depth is measured and smooth around them (not on a depth edge)."""
+    kps, des = detector.detectAndCompute(cv2.cvtColor(view.image, cv2.COLOR_RGB2GRAY), None)
+    if des is None:
+        return np.zeros((0, 3)), np.zeros((0, 32), np.uint8)
+    uv = np.array([k.pt for k in kps])
+    u, v = np.round(uv).astype(int).T
+    d = np.asarray(view.depth, np.float64)
+    patch = np.stack([d[np.clip(v + dv, 0, d.shape[0] - 1), np.clip(u + du, 0, d.shape[1] - 1)]
+                      for dv in (-1, 0, 1) for du in (-1, 0, 1)])
+    z = patch[4]
+    with np.errstate(invalid='ignore'):
+        ok = np.isfinite(patch).all(0) & (z > 0) & (patch.max(0) - patch.min(0) < 0.05 * z)
+    K, T = view.K, view.T_map_cam
+    X = np.stack([(uv[:, 0] - K[0, 2]) / K[0, 0] * z, (uv[:, 1] - K[1, 2]) / K[1, 1] * z, z], 1)[ok]
+    return X @ T[:3, :3].T + T[:3, 3], des[ok]
+
+
+def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int = MAP_FEATURES,
+              meta: dict | None = None) -> PlaceMap:
+    """Recorded RGB-D frames -> PlaceMap. Surfaces: every stride-th depth pixel's point and normal in the map
+    frame, averaged per voxel (m), accumulated as it goes so memory follows the map's size, not the number of
+    frames. Features: up to n_features ORB features per frame (frame_features), at most FEATURES_PER_VOXEL per
+    FEATURE_VOXEL_M voxel. Raises ValueError without any depth."""
+    if not voxel > 0:
+        raise ValueError(f'voxel must be > 0 m, got {voxel}')
+    keys = np.zeros(0, np.int64)
+    sums = np.zeros((0, 7))  # point xyz, normal xyz, count
+    pending: list[np.ndarray] = []
+    feature_points, descriptors = [], []
+    detector = orb(n_features)
+
+    def reduce(keys, sums, chunk):
+        P = np.concatenate(chunk)
+        k = np.concatenate([keys, _voxel_keys(P[:, :3], voxel)])
+        s = np.concatenate([sums, np.concatenate([P, np.ones((len(P), 1))], 1)])
+        k, inv = np.unique(k, return_inverse=True)
+        out = np.zeros((len(k), 7))
+        np.add.at(out, inv, s)
+        return k, out
+
+    for view in views:
+        if view.depth is None:
+            continue
+        if n_features:
+            X, des = frame_features(view, detector)
+            feature_points.append(X)
+            descriptors.append(des)
+        X = depth_points(view.depth, view.K, stride)
+        n = surface_normals(X)
+        ok = np.isfinite(X).all(-1) & np.isfinite(n).all(-1)
+        R, t = view.T_map_cam[:3, :3], view.T_map_cam[:3, 3]
+        pending.append(np.concatenate([X[ok] @ R.T + t, n[ok] @ R.T], 1))
+        if sum(len(p) for p in pending) > 2_000_000:
+            keys, sums = reduce(keys, sums, pending)
+            pending = []
+    if pending:
+        keys, sums = reduce(keys, sums, pending)
+    feature_points = np.concatenate(feature_points) if feature_points else np.zeros((0, 3))
+    descriptors = np.concatenate(descriptors) if descriptors else np.zeros((0, 32), np.uint8)
+    if len(feature_points):  # the same point seen from many frames: keep a few of its descriptors
+        keys = _voxel_keys(feature_points, FEATURE_VOXEL_M)
+        order = np.argsort(keys, kind='stable')
+        first = np.r_[0, np.flatnonzero(np.diff(keys[order])) + 1]
+        rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+        keep = np.sort(order[rank < FEATURES_PER_VOXEL])
+        feature_points, descriptors = feature_points[keep], descriptors[keep]
+    if not len(sums) and not len(feature_points):
+        raise ValueError('no recorded depth to build a map from')
+    normals = sums[:, 3:6]
+    norm = np.linalg.norm(normals, axis=1, keepdims=True)
+    consistent = norm[:, 0] > 0.5 * sums[:, 6]  # views of the voxel agree on which way the surface faces
+    points = (sums[:, :3] / np.maximum(sums[:, 6:], 1))[consistent]
+    normals = (normals / np.maximum(norm, 1e-12))[consistent]
+    return PlaceMap(points.astype(np.float32), normals.astype(np.float32), float(voxel),
+                    feature_points.astype(np.float32), descriptors.astype(np.uint8),
+                    dict(meta or {}, voxels=int(consistent.sum()), observations=int(sums[:, 6].sum()),
+                         features=len(feature_points)))
+
+
+def _voxel_keys(P: np.ndarray, voxel: float) -> np.ndarray:
+    """(N, 3) metres -> (N,) int64 voxel ids; 2^21 voxels per axis around the origin (42 km at 2 cm)."""
+    q = np.floor(P / voxel).astype(np.int64) + (1 << 20)
+    if q.min(initial=0) < 0 or q.max(initial=0) >= (1 << 21):
+        raise ValueError(f'map extends beyond +-{voxel * (1 << 20):.0f} m of the origin at voxel {voxel} m')
+    return (q[:, 0] << 42) | (q[:, 1] << 21) | q[:, 2]
+
+
+def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
+    """Write an .npz atomically (a temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            np.savez_compressed(f, points=place.points, normals=place.normals.astype(np.float16),
+                                feature_points=place.feature_points, descriptors=place.descriptors,
+                                header=json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION,
+                                                   'voxel': place.voxel, 'meta': place.meta}))
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_map(path: str | os.PathLike) -> PlaceMap:
+    """Read and check a map written by save_map. Raises MapError naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise MapError(f'map file not found: {path} (build one with `globloc map`)')
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            header = json.loads(str(z['header']))
+            arrays = {k: z[k] for k in ('points', 'normals', 'feature_points', 'descriptors')}
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+        raise MapError(f'{path}: not a globloc map file ({e})') from e
+    if header.get('format') != MAP_FORMAT:
+        raise MapError(f'{path}: format {header.get("format")!r} is not {MAP_FORMAT!r}')
+    if header.get('version') != MAP_VERSION:
+        raise MapError(f'{path}: map version {header.get("version")} is not {MAP_VERSION}; rebuild it with '
+                       '`globloc map`')
+    P, N, F, D = (arrays[k] for k in ('points', 'normals', 'feature_points', 'descriptors'))
+    if P.ndim != 2 or P.shape[1] != 3 or N.shape != P.shape or F.ndim != 2 or F.shape[1] != 3 \
+            or D.shape != (len(F), 32) or D.dtype != np.uint8:
+        raise MapError(f'{path}: points {P.shape}, normals {N.shape}, feature_points {F.shape}, descriptors '
+                       f'{D.shape} {D.dtype}: expected (N, 3), (N, 3), (M, 3), (M, 32) uint8')
+    if not (np.isfinite(P).all() and np.isfinite(N).all() and np.isfinite(F).all()):
+        raise MapError(f'{path}: points, normals or feature points are not finite')
+    return PlaceMap(P.astype(np.float32), N.astype(np.float32), float(header['voxel']), F.astype(np.float32), D,
+                    header.get('meta', {}))
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+def refine(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
+           prior_covariance: np.ndarray) -> Refinement | None:
+    """The refinement this map and frame allow: ICP with a depth image (depth (H', W') metres registered to the
+    image) when the map has surfaces, else features when it has them; None when neither applies."""
+    if depth is not None and len(place.points) >= MIN_POINTS:
+        Kd = scale_intrinsics(K, depth.shape[1] / image.shape[1], depth.shape[0] / image.shape[0])
+        return refine_icp(place, T_map_cam, depth, Kd, prior_covariance)
+    if len(place.feature_points) >= MIN_PNP_INLIERS:
+        return refine_features(place, T_map_cam, image, K, prior_covariance)
+    return None
+
+
+def _rotation(w: np.ndarray) -> np.ndarray:
+    """Rodrigues: rotation vector (3,) rad -> (3, 3)."""
+    th = np.linalg.norm(w)
+    k = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]]) / max(th, 1e-12)
+    return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k
+
+
+def _correction(T0: np.ndarray, R: np.ndarray, c: np.ndarray) -> tuple[float, float]:
+    """(metres, degrees) between T0 and the pose (R, c)."""
+    turned = np.degrees(np.arccos(np.clip((np.trace(R @ T0[:3, :3].T) - 1) / 2, -1, 1)))
+    return float(np.linalg.norm(c - T0[:3, 3])), float(turned)
+
+
+def _to_ros(cov: np.ndarray) -> np.ndarray:
+    return cov[np.ix_(_TO_ROS, _TO_ROS)]
+
+
+def _from_ros(cov: np.ndarray) -> np.ndarray:
+    order = np.argsort(_TO_ROS)
+    return np.asarray(cov, np.float64)[np.ix_(order, order)]
+
+
+def refine_icp(place: PlaceMap, T_map_cam: np.ndarray, depth: np.ndarray, K: np.ndarray,
+               prior_covariance: np.ndarray, gates_m: tuple[float, ...] = GATES_M,
+               max_points: int = MAX_QUERY_POINTS, min_inlier_fraction: float = MIN_INLIER_FRACTION,
+               max_correction: tuple[float, float] = MAX_CORRECTION) -> Refinement:
+    """Point-to-plane ICP of a measured depth image against the map's surfaces, from T_map_cam (4, 4).
+
+    depth (H, W) metres (NaN / <= 0: not measured) with K (3, 3) of that depth image; prior_covariance (6, 6) of
+    T_map_cam (x, y, z, roll, pitch, yaw), kept in the directions the surfaces do not constrain.
+    Each iteration pairs each depth point (at most max_points, on a grid) with its nearest map point within the
+    gate and solves for a rotation about the camera centre and a translation, in the eigenbasis of A^T A keeping
+    only directions with mean sensitivity >= MIN_EIGENVALUE (m^2 per m^2 or per rad^2).
+    Covariance of the refined directions: sigma^2 (A^T A)^-1 with sigma^2 = mean squared residual + voxel^2 / 12
+    (the map's own quantisation), residuals taken as independent.
+    """
+    T0 = np.asarray(T_map_cam, np.float64)
+    keep_pose = lambda reason, **kw: Refinement('icp', T0, False, reason, prior_covariance, **kw)  # noqa: E731
+    stride = max(1, int(np.ceil(np.sqrt(depth.size / max_points))))
+    X = depth_points(depth, K, stride).reshape(-1, 3)
+    X = X[np.isfinite(X).all(1)]
+    if len(X) < MIN_POINTS:
+        return keep_pose(f'{len(X)} depth points < {MIN_POINTS}', points=len(X))
+    R, c = T0[:3, :3].copy(), T0[:3, 3].copy()
+    for gate in gates_m:
+        P = X @ R.T + c
+        dist, j = place.tree.query(P, distance_upper_bound=gate)
+        hit = np.isfinite(dist)
+        if hit.sum() < MIN_POINTS:
+            return keep_pose(f'{hit.sum()} of {len(X)} depth points within {gate:g} m of the map', points=len(X),
+                             inlier_fraction=float(hit.mean()))
+        p, n = P[hit], place.normals[j[hit]].astype(np.float64)
+        r = np.sum((p - place.points[j[hit]]) * n, 1)
+        A = np.concatenate([np.cross(p - c, n), n], 1)
+        lam, V = np.linalg.eigh(A.T @ A / len(r))
+        pinned = lam >= MIN_EIGENVALUE
+        x = -V[:, pinned] @ ((V[:, pinned].T @ (A.T @ r / len(r))) / lam[pinned])
+        R, c = _rotation(x[:3]) @ R, c + x[3:]
+        if np.abs(x).max() < 1e-6:
+            break
+    dist, j = place.tree.query(X @ R.T + c, distance_upper_bound=gates_m[-1])
+    hit = np.isfinite(dist)
+    inliers = float(hit.mean())
+    res = np.sum((X[hit] @ R.T + c - place.points[j[hit]]) * place.normals[j[hit]], 1)
+    rms = float(np.sqrt(np.mean(res ** 2))) if hit.any() else float('nan')
+    stats = dict(inlier_fraction=inliers, rms=rms, constrained=int(pinned.sum()), points=len(X))
+    if not (np.isfinite(R).all() and np.isfinite(c).all()):
+        return keep_pose('refined pose not finite', **stats)
+    if inliers < min_inlier_fraction:
+        return keep_pose(f'{inliers:.0%} of the depth points on the map < {min_inlier_fraction:.0%}', **stats)
+    moved_m, turned_deg = _correction(T0, R, c)
+    if moved_m > max_correction[0] or turned_deg > max_correction[1]:
+        return keep_pose(f'correction {moved_m:.2f} m / {turned_deg:.1f} deg exceeds {max_correction[0]:g} m / '
+                         f'{max_correction[1]:g} deg', **stats)
+    sigma2 = rms ** 2 + place.voxel ** 2 / 12
+    Vp, Vu = V[:, pinned], V[:, ~pinned]
+    cov = Vp @ np.diag(sigma2 / (len(res) * lam[pinned])) @ Vp.T
+    cov = cov + Vu @ Vu.T @ _from_ros(prior_covariance) @ Vu @ Vu.T
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, c
+    return Refinement('icp', T, True, '', _to_ros(cov), **stats)
+
+
+def _project(X: np.ndarray, R: np.ndarray, c: np.ndarray, K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map-frame points (N, 3) seen from the camera (R, c) = (R_map_cam, centre) -> (uv (N, 2), depth (N,))."""
+    Xc = (X - c) @ R
+    with np.errstate(divide='ignore', invalid='ignore'):
+        uv = (Xc @ K.T)[:, :2] / Xc[:, 2:]
+    return uv, Xc[:, 2]
+
+
+def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: tuple[int, int],
+           uv_query: np.ndarray, des_query: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Guided matching: each query feature against the map features that (R, c) projects within `radius` px of
+    it; the best by Hamming distance if <= MAX_HAMMING and < RATIO x the second best. -> (map index (k,),
+    query index (k,))."""
+    uv, z = _project(place.feature_points.astype(np.float64), R, c, K)
+    W, H = size
+    seen = np.where((z > 0.05) & (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius)
+                    & (uv[:, 1] < H + radius))[0]
+    if not len(seen):
+        return np.zeros(0, int), np.zeros(0, int)
+    pairs = cKDTree(uv[seen]).sparse_distance_matrix(cKDTree(uv_query), radius, output_type='ndarray')
+    if not len(pairs):
+        return np.zeros(0, int), np.zeros(0, int)
+    m, q = seen[pairs['i']], pairs['j'].astype(int)
+    dist = np.bitwise_count(place.descriptors[m].view(np.uint64) ^ des_query.view(np.uint64)[q]).sum(1, dtype=np.int32)
+    n = len(des_query)
+    best = np.full(n, 256, np.int32)
+    np.minimum.at(best, q, dist)
+    is_best = dist == best[q]
+    pick = np.full(n, -1)
+    pick[q[is_best]] = m[is_best]  # one map feature at the best distance, per query feature
+    second = np.full(n, 256, np.int32)
+    np.minimum.at(second, q, np.where(m == pick[q], 256, dist))  # a tie with another map feature is a second best
+    good = (pick >= 0) & (best <= MAX_HAMMING) & (best < RATIO * second)
+    return pick[good], np.flatnonzero(good)
+
+
+def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K: np.ndarray,
+                    prior_covariance: np.ndarray, radii_px: tuple[float, ...] = RADII_PX,
+                    max_correction: tuple[float, float] = MAX_FEATURE_CORRECTION) -> Refinement:
+    """The frame's ORB features matched to the map's near where T_map_cam (4, 4) projects them, then PnP-RANSAC.
+
+    image (H, W, 3) uint8 RGB and K (3, 3) of it. radii_px (at 320 px width, scaled with the image): one matching
+    round each, the later ones from the previous round's pose. Accepted with >= MIN_PNP_INLIERS inliers within
+    PNP_ERROR_PX (scaled likewise) and a correction within max_correction.
+    Covariance: sigma^2 (J^T J)^-1 of the inliers' reprojection, sigma = their RMS error (>= 0.5 px), in the
+    parameters of refine_icp (rotation about the camera centre, centre translation).
+    """
+    T0 = np.asarray(T_map_cam, np.float64)
+    keep_pose = lambda reason, **kw: Refinement('features', T0, False, reason, prior_covariance, **kw)  # noqa: E731
+    H, W = image.shape[:2]
+    scale = W / 320.0
+    kps, des = orb(QUERY_FEATURES).detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
+    if des is None or len(kps) < MIN_PNP_INLIERS:
+        return keep_pose(f'{0 if des is None else len(kps)} image features < {MIN_PNP_INLIERS}')
+    strong = np.argsort([-k.response for k in kps])  # strongest first
+    uv_query, des = np.array([kps[i].pt for i in strong]), des[strong]
+    R, c = T0[:3, :3].copy(), T0[:3, 3].copy()
+    inliers = np.zeros(0, int)
+    for k, radius in enumerate(radii_px):
+        n = len(des) // 2 if k == 0 else len(des)  # the widest search with the stronger half only: half the time
+        m, q = _match(place, R, c, K, (W, H), uv_query[:n], des[:n], radius * scale)
+        if len(m) < MIN_PNP_INLIERS:
+            return keep_pose(f'{len(m)} feature matches within {radius * scale:.0f} px < {MIN_PNP_INLIERS}',
+                             points=len(m))
+        obj = place.feature_points[m].astype(np.float64)
+        img = uv_query[q]
+        rvec, _ = cv2.Rodrigues(R.T)
+        tvec = -R.T @ c
+        ok, rvec, tvec, inl = cv2.solvePnPRansac(obj, img, K, None, rvec, tvec.reshape(3, 1), useExtrinsicGuess=True,
+                                                 iterationsCount=200, reprojectionError=PNP_ERROR_PX * scale,
+                                                 flags=cv2.SOLVEPNP_ITERATIVE)
+        if not ok or inl is None or len(inl) < MIN_PNP_INLIERS:
+            return keep_pose(f'{0 if inl is None else len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}',
+                             points=len(m))
+        inliers = inl.ravel()
+        rvec, tvec = cv2.solvePnPRefineLM(obj[inliers], img[inliers], K, None, rvec, tvec)
+        Rcw = cv2.Rodrigues(rvec)[0]
+        R, c = Rcw.T, (-Rcw.T @ tvec).ravel()
+    uv, z = _project(obj[inliers], R, c, K)
+    err = np.linalg.norm(uv - img[inliers], axis=1)
+    rms = float(np.sqrt(np.mean(err ** 2)))
+    stats = dict(inlier_fraction=len(inliers) / len(m), rms=rms, constrained=6, points=len(m))
+    if not (np.isfinite(R).all() and np.isfinite(c).all() and np.all(z > 0)):
+        return keep_pose('refined pose not finite or behind the points', **stats)
+    moved_m, turned_deg = _correction(T0, R, c)
+    if moved_m > max_correction[0] or turned_deg > max_correction[1]:
+        return keep_pose(f'correction {moved_m:.2f} m / {turned_deg:.1f} deg exceeds {max_correction[0]:g} m / '
+                         f'{max_correction[1]:g} deg', **stats)
+    # Jacobian of the projections in (rotation about the centre, centre translation), map axes.
+    a = obj[inliers] - c
+    Xc = a @ R
+    x, y, zc = Xc.T
+    dpi = np.zeros((len(a), 2, 3))
+    dpi[:, 0, 0], dpi[:, 0, 2] = K[0, 0] / zc, -K[0, 0] * x / zc ** 2
+    dpi[:, 1, 1], dpi[:, 1, 2] = K[1, 1] / zc, -K[1, 1] * y / zc ** 2
+    skew = np.zeros((len(a), 3, 3))
+    skew[:, 0, 1], skew[:, 0, 2], skew[:, 1, 2] = -a[:, 2], a[:, 1], -a[:, 0]
+    skew[:, 1, 0], skew[:, 2, 0], skew[:, 2, 1] = a[:, 2], -a[:, 1], a[:, 0]
+    J = np.concatenate([dpi @ R.T @ skew, dpi @ -R.T[None]], 2).reshape(-1, 6)
+    cov = max(rms, 0.5) ** 2 * np.linalg.pinv(J.T @ J)
+    std_m = float(np.sqrt(np.linalg.eigvalsh(cov[3:, 3:]).max()))
+    std_deg = float(np.degrees(np.sqrt(np.linalg.eigvalsh(cov[:3, :3]).max())))
+    depth_m = float(np.median(zc))
+    if std_m > MAX_RELATIVE_STD * depth_m or std_deg > MAX_ROTATION_STD_DEG:
+        return keep_pose(f'PnP pose not pinned: std {std_m * 100:.1f} cm at {depth_m:.1f} m, {std_deg:.2f} deg '
+                         f'(limits {MAX_RELATIVE_STD:.0%} of the depth, {MAX_ROTATION_STD_DEG:g} deg)', **stats)
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, c
+    return Refinement('features', T, True, '', _to_ros(cov), **stats)

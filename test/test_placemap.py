@@ -1,0 +1,313 @@
+"""The place map and the refinements against it (globloc_ros.placemap, `globloc map`, Localizer place_map)."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+
+import numpy as np
+import pytest
+
+from globloc import bags as bg
+from globloc import mapper
+from globloc_ros import frames as fr
+from globloc_ros import placemap as pm
+
+K = np.array([[100.0, 0, 79.5], [0, 100.0, 59.5], [0, 0, 1]])  # 160x120
+PRIOR = np.diag([0.01, 0.02, 0.03, 0.004, 0.005, 0.006])
+
+
+def _turn(deg_xyz) -> np.ndarray:
+    return pm._rotation(np.radians(np.asarray(deg_xyz, float)))
+
+
+def _perturbed(T: np.ndarray, t_m, r_deg) -> np.ndarray:
+    """T moved by t_m (map axes) and turned by r_deg (map axes, about the camera centre)."""
+    out = T.copy()
+    out[:3, :3] = _turn(r_deg) @ T[:3, :3]
+    out[:3, 3] += t_m
+    return out
+
+
+def _errors(T_est: np.ndarray, T_gt: np.ndarray) -> tuple[float, float]:
+    t, r = fr.pose_errors(T_est[None], T_gt[None])
+    return float(t[0]), float(r[0])
+
+
+@pytest.fixture(scope='module')
+def scene_map(tiny_scene):
+    """(map of tiny_scene's seq_00 + seq_01, held-out seq_02 frames)."""
+    views = [pm.View(f.image, f.K, f.T_map_cam, f.depth) for i in (0, 1)
+             for f in bg.read_sequence(tiny_scene / f'seq_0{i}', seq=i, progress=False).frames]
+    held_out = bg.read_sequence(tiny_scene / 'seq_02', seq=2, progress=False).frames
+    return pm.build_map(views), held_out
+
+
+def _wall(distance: float = 2.0, size=(120, 160)) -> np.ndarray:
+    """Depth image of a fronto-parallel wall."""
+    return np.full(size, distance, np.float32)
+
+
+def _view(depth: np.ndarray | None, T: np.ndarray = np.eye(4), seed: int = 0) -> pm.View:
+    """A frame of a wall with a random texture (features to detect)."""
+    texture = np.random.default_rng(seed).integers(0, 256, (30, 40), np.uint8)
+    image = np.repeat(np.kron(texture, np.ones((4, 4), np.uint8))[..., None], 3, 2)
+    return pm.View(image, K, T, depth)
+
+
+def _args(**kw) -> argparse.Namespace:
+    return argparse.Namespace(**{**dict(voxel=0.02, stride=2, features=pm.MAP_FEATURES, holdout=None, force=False,
+                                        topic=None), **kw})
+
+
+# ------------------------------------------------------------------------------------------------ building
+def test_build_map_averages_surfaces_per_voxel_with_normals_facing_the_cameras():
+    # The same wall (z = 2 m in the map) seen by two cameras 0.3 m apart.
+    T_b = fr.pose_matrix(np.eye(3), np.array([0.3, 0.0, 0.0]))
+    cloud = pm.build_map([_view(_wall()), _view(_wall(), T_b), _view(None)], voxel=0.05)
+    assert np.allclose(cloud.points[:, 2], 2.0, atol=1e-5)
+    assert np.allclose(cloud.normals, [0, 0, -1], atol=1e-5)  # towards the cameras (at z = 0)
+    # The walls span x in [-1.59, 1.91] m, y in [-1.19, 1.19] m: about (3.5 / 0.05) x (2.4 / 0.05) voxels.
+    assert 0.85 < len(cloud.points) / (3.5 / 0.05 * 2.4 / 0.05) < 1.15
+    lo, hi = cloud.points.min(0), cloud.points.max(0)
+    assert lo[0] == pytest.approx(-1.59 + 0.04, abs=0.05) and hi[0] == pytest.approx(1.91 - 0.04, abs=0.05)
+    assert cloud.meta['observations'] > len(cloud.points)
+    with pytest.raises(ValueError, match='no recorded depth'):
+        pm.build_map([_view(None)])
+
+
+def test_depth_edges_make_no_map_points():
+    depth = _wall()
+    depth[:, 80:] = 4.0  # a step of 2 m: no surface between the two walls
+    cloud = pm.build_map([_view(depth)], voxel=0.02, n_features=0)
+    assert len(cloud.feature_points) == 0
+    assert set(np.round(cloud.points[:, 2], 3)) == {2.0, 4.0}
+
+
+def test_save_and_load_round_trip_and_clear_errors(tmp_path):
+    cloud = pm.build_map([_view(_wall())], voxel=0.05, meta={'bags': ['x']})
+    path = tmp_path / 'm.map.npz'
+    pm.save_map(cloud, path)
+    back = pm.load_map(path)
+    assert np.array_equal(back.points, cloud.points) and back.voxel == 0.05 and back.meta['bags'] == ['x']
+    assert len(back.feature_points) > 50 and np.array_equal(back.descriptors, cloud.descriptors)
+    assert np.abs(back.normals - cloud.normals).max() < 1e-3  # stored as float16
+    assert [p.name for p in tmp_path.iterdir()] == ['m.map.npz']  # no temporary file left
+
+    with pytest.raises(pm.MapError, match='map file not found: .*missing.npz'):
+        pm.load_map(tmp_path / 'missing.npz')
+    (tmp_path / 'junk.npz').write_bytes(b'not a zip' * 10)
+    with pytest.raises(pm.MapError, match='junk.npz: not a globloc map file'):
+        pm.load_map(tmp_path / 'junk.npz')
+    header = {'format': pm.MAP_FORMAT, 'version': pm.MAP_VERSION + 1, 'voxel': 0.05}
+    arrays = dict(points=cloud.points, normals=cloud.normals, feature_points=cloud.feature_points,
+                  descriptors=cloud.descriptors)
+    np.savez(tmp_path / 'new.npz', **arrays, header=json.dumps(header))
+    with pytest.raises(pm.MapError, match='new.npz: map version 2 is not 1; rebuild it'):
+        pm.load_map(tmp_path / 'new.npz')
+    header['version'] = pm.MAP_VERSION
+    np.savez(tmp_path / 'nan.npz', **{**arrays, 'points': cloud.points * np.nan}, header=json.dumps(header))
+    with pytest.raises(pm.MapError, match='nan.npz: points, normals or feature points are not finite'):
+        pm.load_map(tmp_path / 'nan.npz')
+    np.savez(tmp_path / 'des.npz', **{**arrays, 'descriptors': cloud.descriptors[:, :16]}, header=json.dumps(header))
+    with pytest.raises(pm.MapError, match=r'des.npz: .*descriptors \(\d+, 16\) uint8: expected'):
+        pm.load_map(tmp_path / 'des.npz')
+
+
+# ------------------------------------------------------------------------------------------------ refinement
+def test_refinement_recovers_perturbed_poses_of_held_out_frames(scene_map):
+    cloud, frames = scene_map
+    rng = np.random.default_rng(0)
+    errors = []
+    for f in frames[::3]:
+        T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.04, 3), rng.normal(0, 1.5, 3))
+        r = pm.refine_icp(cloud, T0, f.depth, f.K, PRIOR)
+        assert r.accepted, r.reason
+        assert r.method == 'icp' and r.inlier_fraction > 0.8 and r.rms < 0.02  # some surfaces were never mapped
+        assert 500 < r.points <= pm.MAX_QUERY_POINTS
+        errors.append(_errors(r.T_map_cam, f.T_map_cam))
+        assert errors[-1][0] < _errors(T0, f.T_map_cam)[0]
+    t, rot = np.array(errors).T
+    assert np.median(t) < 0.005 and np.median(rot) < 0.2, (t, rot)
+
+
+def test_unconstrained_directions_keep_the_pose_given():
+    # A wall constrains the distance to it and two rotations; sliding along it and turning about its normal are free.
+    cloud = pm.build_map([_view(_wall())], voxel=0.02)
+    T0 = _perturbed(np.eye(4), [0.05, -0.04, 0.03], [0, 0, 2.0])
+    r = pm.refine_icp(cloud, T0, _wall(), K, PRIOR)
+    assert r.accepted, r.reason
+    assert r.constrained == 3
+    assert r.T_map_cam[2, 3] == pytest.approx(0.0, abs=2e-3)  # the distance to the wall is corrected
+    assert np.allclose(r.T_map_cam[:2, 3], T0[:2, 3], atol=1e-6)  # the slide is not observable: kept
+    assert fr.rotation_error_deg(r.T_map_cam[:3, :3], T0[:3, :3]) < 0.01
+    # Covariance: the prior's where nothing was measured (x, y, yaw), the data's (much smaller) where it was.
+    assert np.allclose(np.diag(r.covariance)[[0, 1, 5]], np.diag(PRIOR)[[0, 1, 5]])
+    assert r.covariance[2, 2] < 1e-4 * PRIOR[2, 2]
+    assert np.allclose(r.covariance, r.covariance.T)
+
+
+def test_refinement_is_rejected_and_the_pose_kept_when_it_cannot_be_trusted(scene_map):
+    cloud, frames = scene_map
+    f = frames[0]
+    cases = [  # (pose given, depth, why the refinement is refused)
+        (_perturbed(f.T_map_cam, [1.5, 0, 0], [0, 0, 0]), f.depth, r'within 0\.\d+ m of the map|on the map|correction'),
+        (f.T_map_cam, np.full_like(f.depth, np.nan), r'^0 depth points < 50$'),
+        (f.T_map_cam, f.depth + 0.5, r'within 0\.\d+ m of the map|on the map|correction'),
+    ]
+    for T0, depth, reason in cases:
+        r = pm.refine_icp(cloud, T0, depth, f.K, PRIOR)
+        assert not r.accepted and re.search(reason, r.reason), r.reason
+        assert np.array_equal(r.T_map_cam, T0) and np.array_equal(r.covariance, PRIOR)
+    # A correction larger than max_correction is refused even when the surfaces agree.
+    T0 = _perturbed(f.T_map_cam, [0.06, 0, 0], [0, 0, 0])
+    r = pm.refine_icp(cloud, T0, f.depth, f.K, PRIOR, max_correction=(0.02, 10.0))
+    assert not r.accepted and 'exceeds 0.02 m' in r.reason
+
+
+# ------------------------------------------------------------------------------------------------ features
+def test_features_lie_on_the_recorded_surfaces_and_repeats_are_thinned():
+    one = pm.build_map([_view(_wall())], voxel=0.05)
+    assert len(one.feature_points) > 50 and one.descriptors.shape == (len(one.feature_points), 32)
+    assert np.allclose(one.feature_points[:, 2], 2.0, atol=1e-5)
+    # The same view five times: each point of the place keeps at most FEATURES_PER_VOXEL descriptors.
+    five = pm.build_map([_view(_wall())] * 5, voxel=0.05)
+    assert len(one.feature_points) <= len(five.feature_points) <= pm.FEATURES_PER_VOXEL * len(one.feature_points)
+    _, per_voxel = np.unique(pm._voxel_keys(five.feature_points, pm.FEATURE_VOXEL_M), return_counts=True)
+    assert per_voxel.max() <= pm.FEATURES_PER_VOXEL and five.meta['features'] == len(five.feature_points)
+
+
+def test_feature_refinement_of_held_out_frames(scene_map):
+    """Image only (160x120, so a pixel is 1-2 cm on the walls): poses moved by about 10 cm / 3.5 deg come back to a
+    few cm, and a pose the matches do not pin down is refused rather than published."""
+    place, frames = scene_map
+    rng = np.random.default_rng(0)
+    before, after = [], []
+    for f in frames:
+        T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.06, 3), rng.normal(0, 2, 3))
+        r = pm.refine_features(place, T0, f.image, f.K, PRIOR)
+        assert r.method == 'features'
+        if not r.accepted:
+            assert re.search('image features|feature matches|PnP inliers|not pinned', r.reason), r.reason
+            assert np.array_equal(r.T_map_cam, T0) and np.array_equal(r.covariance, PRIOR)
+            continue
+        before.append(_errors(T0, f.T_map_cam))
+        after.append(_errors(r.T_map_cam, f.T_map_cam))
+        assert after[-1][0] < 0.06 and r.points >= pm.MIN_PNP_INLIERS and r.rms < pm.PNP_ERROR_PX
+        assert np.all(np.linalg.eigvalsh(r.covariance) > 0)
+    assert len(after) >= len(frames) / 3
+    before, after = np.median(before, 0), np.median(after, 0)
+    assert after[0] < 0.03 and np.all(after < 0.5 * before), (before, after)
+
+
+def test_feature_refinement_refuses_what_it_cannot_match(scene_map):
+    place, frames = scene_map
+    f = frames[0]
+    gray = np.full_like(f.image, 128)
+    r = pm.refine_features(place, f.T_map_cam, gray, f.K, PRIOR)
+    assert not r.accepted and r.reason == f'0 image features < {pm.MIN_PNP_INLIERS}'
+    far = _perturbed(f.T_map_cam, [0, 0, 0], [0, 40, 0])  # looking elsewhere
+    r = pm.refine_features(place, far, f.image, f.K, PRIOR)
+    assert not r.accepted and re.search('feature matches|PnP inliers', r.reason), r.reason
+    assert np.array_equal(r.T_map_cam, far)
+
+
+# ------------------------------------------------------------------------------------------------ real data
+@pytest.fixture(scope='module')
+def sun3d_map(real_bags, tmp_path_factory):
+    """(`globloc map` of SUN3D frag1 leaving out every 5th frame, those frames, the bag)."""
+    bag = real_bags / 'sun3d_frag1'
+    out = tmp_path_factory.mktemp('sun3d') / 'frag1.map.npz'
+    mapper.run(_args(bags=[bag], out=out, holdout='every:5'))
+    frames = [f for f in bg.read_sequence(bag, progress=False).frames if f.index % 5 == 0]
+    return pm.load_map(out), frames, bag, out
+
+
+def test_icp_refinement_on_real_rgbd_frames(sun3d_map):
+    """The held-out frames from their ground-truth pose moved by about 5 cm / 2 deg. SUN3D's own poses are
+    reconstructions (neighbouring frames disagree by about 1 cm / 0.6 deg), so the refined poses are checked
+    against them at that level."""
+    place, frames, bag, out = sun3d_map
+    assert place.meta['frames'] == 40 and place.meta['holdout'] == 'every:5'
+    assert len(place.points) > 10_000 and len(place.feature_points) > 1000
+    rng = np.random.default_rng(1)
+    before, after, starts, ends = [], [], [], []
+    for f in frames:
+        a, b = (_perturbed(f.T_map_cam, rng.normal(0, 0.03, 3), rng.normal(0, 1.2, 3)) for _ in range(2))
+        ra, rb = (pm.refine_icp(place, T0, f.depth, f.K, PRIOR) for T0 in (a, b))
+        assert ra.accepted and rb.accepted, (ra.reason, rb.reason)
+        starts.append(_errors(a, b))
+        ends.append(_errors(ra.T_map_cam, rb.T_map_cam))
+        before.append(_errors(a, f.T_map_cam))
+        after.append(_errors(ra.T_map_cam, f.T_map_cam))
+    # Two starts end nearer each other, whatever the ground truth's own error. Real depth noise and a map built
+    # from imperfect poses leave a shallow optimum: starts 3.6 cm / 2.3 deg apart end 2.4 cm / 0.7 deg apart.
+    starts, ends = np.median(starts, 0), np.median(ends, 0)
+    assert ends[0] < 0.8 * starts[0] and ends[1] < 0.5 * starts[1], (starts, ends)
+    before, after = np.median(before, 0), np.median(after, 0)
+    assert after[0] < 0.025 and after[1] < 1.2 and np.all(after < 0.8 * before), (before, after)
+    with pytest.raises(ValueError, match='already exists; pass --force'):
+        mapper.run(_args(bags=[bag], out=out))
+
+
+def test_feature_refinement_on_real_images(sun3d_map):
+    """A camera without depth against the same map: real 640x480 jpeg images, from about 6.5 cm / 2.8 deg off."""
+    place, frames, _, _ = sun3d_map
+    rng = np.random.default_rng(0)
+    before, after = [], []
+    for f in frames:
+        T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.05, 3), rng.normal(0, 2, 3))
+        r = pm.refine_features(place, T0, f.image, f.K, PRIOR)
+        before.append(_errors(T0, f.T_map_cam))
+        after.append(_errors(r.T_map_cam, f.T_map_cam))
+        assert r.accepted or after[-1] == before[-1]
+    before, after = np.median(before, 0), np.median(after, 0)
+    assert after[0] < 0.04 and after[0] < 0.7 * before[0] and after[1] < 0.3 * before[1], (before, after)
+
+
+def test_map_of_a_bag_without_depth_is_refused(real_bags, tmp_path):
+    with pytest.raises(ValueError, match=r'strecha_entry_p10.*no depth images on /camera/depth/image_raw; a map '
+                                         r'needs recorded depth'):
+        mapper.run(_args(bags=[real_bags / 'strecha_entry_p10'], out=tmp_path / 'm.npz'))
+    assert not (tmp_path / 'm.npz').exists()
+
+
+# ------------------------------------------------------------------------------------------------ Localizer
+def test_localizer_refines_confident_poses_only(tiny_model, scene_map, tmp_path):
+    from globloc_ros.runtime import Localizer, LocalizerError
+
+    model, _ = tiny_model
+    place, frames = scene_map
+    # The tiny model's poses are decimetres off: with the default gate none is confident, so none is refined.
+    f = frames[0]
+    r = Localizer(model, backend='torch', place_map=place).localize(f.image, f.K, f.depth)
+    assert not r.confident and r.refinement is None
+    # With the gate open, the refinement decides alone: ICP with depth, features without.
+    gate_open = dict(max_residual_m=1e6, min_effective_points=0.0)
+    plain = Localizer(model, backend='torch', **gate_open)
+    lz = Localizer(model, backend='torch', place_map=place, **gate_open)
+    accepted = {'icp': 0, 'features': 0}
+    for f in frames[::3]:
+        for depth in (f.depth, None):
+            one_shot = plain.localize(f.image, f.K, depth)
+            r = lz.localize(f.image, f.K, depth)
+            want = pm.refine(place, one_shot.T_map_cam, f.image, f.K, depth, one_shot.covariance)
+            assert r.refinement.method == want.method == ('icp' if depth is not None else 'features')
+            assert r.refinement.accepted == want.accepted and np.allclose(r.T_map_cam, want.T_map_cam, atol=1e-9)
+            assert np.allclose(r.covariance, want.covariance) and 'refine' in r.timings_ms
+            accepted[want.method] += want.accepted
+    assert accepted['icp'] > 0
+    with pytest.raises(LocalizerError, match='map file not found: .*nope.npz'):
+        Localizer(model, backend='torch', place_map=tmp_path / 'nope.npz')
+
+
+def test_eval_reports_the_refined_share(tiny_model, tmp_path):
+    from globloc import evaluate as ev
+
+    model, scene = tiny_model
+    pm.save_map(pm.build_map([_view(_wall())]), tmp_path / 'm.npz')
+    r = ev.evaluate(model, [scene / 'seq_02'], split='every:8', place_map=tmp_path / 'm.npz')
+    assert r['place_map'] == str(tmp_path / 'm.npz')
+    assert r['refined_fraction'] == np.mean([f.get('refined', False) for f in r['per_frame']])
+    with pytest.raises(ValueError, match='--map needs a scene-coordinate model run by the Localizer'):
+        ev.evaluate(model, [scene / 'seq_02'], split='every:8', method='pnp', place_map=tmp_path / 'm.npz')

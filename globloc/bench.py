@@ -12,6 +12,8 @@ graphs; alignment where torch runs it apart) and end-to-end frames/s; onnxruntim
 depth images (RGB-D input, sampled at the cells in preprocess). Then PyTorch forward+alignment with the
 Horn vs the SVD solver, the alignment alone, and on the same correspondences (scene coordinates at the cell
 centres) Horn vs baselines.pnp_pose (cv2.solvePnPRansac + LM refinement): time ratio and pose difference.
+Last, the refinements against a place map (globloc_ros.placemap) built from the same frames: ICP and image
+features from each frame's pose moved by 3 cm / 1 deg, at the recorded size and at half of it.
 Targets reported against: ONNX Runtime on CPU with 2 threads >= 30 frames/s end to end at 320x240; alignment
 >= 20x faster than solvePnPRansac at equal accuracy.
 """
@@ -154,6 +156,44 @@ def time_localizer(lz: rt.Localizer, frames, iters: int, warmup: int, depth: boo
             stages.setdefault(k, []).append(v)
     out = {k: dict(zip(('p50', 'p99'), p50_p99(v))) for k, v in stages.items()}
     out['fps'] = 1000.0 / float(np.mean(stages['total']))
+    return out
+
+
+def time_refinement(frames, repeats: int = 3) -> dict:
+    """{'WxH': {'icp'|'features': {'p50', 'p99', 'accepted'}}}: placemap.refine_icp / refine_features from each
+    frame's pose moved by 3 cm / 1 deg, against a map of the frames, at the recorded size and half of it."""
+    import cv2
+
+    from globloc_ros import placemap as pm
+    out: dict = {}
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 0.5):
+        views = []
+        for image, K, T, depth in frames:
+            H, W = image.shape[:2]
+            size = (round(W * scale), round(H * scale))
+            views.append(pm.View(cv2.resize(image, size, interpolation=cv2.INTER_AREA),
+                                 fr.scale_intrinsics(K, size[0] / W, size[1] / H), T,
+                                 cv2.resize(depth, size, interpolation=cv2.INTER_NEAREST)))
+        place = pm.build_map(views)
+        place.tree
+        times: dict[str, list] = {'icp': [], 'features': []}
+        accepted: dict[str, int] = {'icp': 0, 'features': 0}
+        for _ in range(repeats):
+            for v in views:
+                T0 = v.T_map_cam.copy()
+                T0[:3, :3] = fr.quat_xyzw_to_matrix(np.r_[rng.normal(0, 0.009, 3), 1.0] / np.linalg.norm(
+                    np.r_[rng.normal(0, 0.009, 3), 1.0])) @ T0[:3, :3]
+                T0[:3, 3] += rng.normal(0, 0.017, 3)
+                for method in times:
+                    t0 = time.perf_counter()
+                    r = (pm.refine_icp(place, T0, v.depth, v.K, np.eye(6)) if method == 'icp'
+                         else pm.refine_features(place, T0, v.image, v.K, np.eye(6)))
+                    times[method].append((time.perf_counter() - t0) * 1e3)
+                    accepted[method] += r.accepted
+        W, H = views[0].image.shape[1], views[0].image.shape[0]
+        out[f'{W}x{H}'] = {m: {**dict(zip(('p50', 'p99'), p50_p99(t))), 'accepted': accepted[m] / len(t)}
+                           for m, t in times.items()}
     return out
 
 
@@ -335,6 +375,7 @@ def run(args: argparse.Namespace) -> int:
             'frames': frames_text, 'threads': args.threads, 'iters': args.iters, 'torch': torch.__version__,
             'parameters': params, 'macs': {f'{W}x{H}': count_macs(net, W, H) for W, H in sizes},
             'runs': [], 'skipped': {}, 'solvers': {}, 'horn_vs_pnp': {}, 'horn_vs_pnp_network': {},
+            'refinement': {},
         }
         print(f"device: {report['device']['cpu']} ({os.cpu_count()} cores), GPU: {report['device']['gpu'] or 'none'}, "
               f'load average {load_start:.2f}')
@@ -366,6 +407,8 @@ def run(args: argparse.Namespace) -> int:
             report['horn_vs_pnp'][f'{W}x{H}'] = horn_vs_pnp(snet, frames, oracle=True)
             if not untrained:
                 report['horn_vs_pnp_network'][f'{W}x{H}'] = horn_vs_pnp(snet, frames, oracle=False)
+        if all(f[2] is not None and f[3] is not None for f in frames):
+            report['refinement'] = time_refinement(frames)
         report['device']['load_average_1min_end'] = os.getloadavg()[0]
         _print_report(report)
         if args.json:
@@ -409,6 +452,16 @@ def _print_report(report: dict) -> None:
     for key in ('horn_vs_pnp', 'horn_vs_pnp_network'):
         if report[key]:
             _print_pnp_table(report[key])
+    if report['refinement']:
+        one_shot = [r['total']['p50'] for r in report['runs'] if r['backend'] == 'onnxruntime'
+                    and r['device'] == 'cpu' and r['size'] == '320x240' and r['input'] == 'rgb']
+        print('\nrefinement against a place map of the frames (from 3 cm / 1 deg off), ms p50/p99 '
+              '(accepted)' + (f'; x = times the one-shot onnxruntime 320x240 p50 ({one_shot[0]:.1f} ms)'
+                              if one_shot else ''))
+        for size, d in report['refinement'].items():
+            print(f'{size:<9}' + '   '.join(
+                f"{m} {_fmt(v)} ({v['accepted']:.0%})" + (f' {v["p50"] / one_shot[0]:.1f}x' if one_shot else '')
+                for m, v in d.items()))
     print('\ntargets:')
     ort = [r for r in report['runs'] if r['backend'] == 'onnxruntime' and r['device'] == 'cpu'
            and r['size'] == '320x240' and r['input'] == 'rgb']

@@ -119,9 +119,8 @@ class _RuntimeLocalizer:
 def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
                     warmup: int = 3, depth: bool = False, place_map=None):
     """Localise each frame (depth: with its recorded depth, RGB-D; place_map: refined against that map file).
-    Returns T_est (N, 4, 4), ok (N,) bool,
-    time_ms (N,), extras (list of dicts), meta, and the backend actually used ('direct' for posenet models and
-    for PnP)."""
+    Returns T_est (N, 4, 4), ok (N,) bool, time_ms (N,), extras (list of dicts), meta, and the backend actually
+    used ('direct' for posenet models and for PnP)."""
     arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
     if backend != 'direct' and (arch != 'globloc' or method == 'pnp'):
         backend = 'direct'
@@ -236,7 +235,8 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     report = {
         'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
         'backend': backend, 'method': method, 'depth_input': depth, 'place_map': place_map and str(place_map),
-        'refined_fraction': float(np.mean([e.get('refined', False) for e in extras])), 'device': 'cpu', 'threads': torch.get_num_threads(),
+        'refined_fraction': float(np.mean([e.get('refined', False) for e in extras])),
+        'device': 'cpu', 'threads': torch.get_num_threads(),
         'precision': 'fp32', 'recorded_size': [w, h],
         'input_size': list(meta.get('recipe', {}).get('input_size', [])) or None,
         'model_command': meta.get('command'), 'model_steps': meta.get('steps'), 'frames_seen_in_training': seen,

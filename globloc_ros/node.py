@@ -98,10 +98,10 @@ PARAMETERS = (
           '32FC1 m or 16UC1 mm), used in place of the depth head; empty: the image alone'),
     Param('depth_tolerance', 0.01, 'seconds: the largest stamp difference between an image and its depth image',
           low=0.0, high=1.0),
-    Param('place_map', '', 'map file (`globloc map`): each confident pose is refined against it (ICP with the '
-          "frame's depth image, else image features and PnP); empty: the one-shot pose"),
     Param('depth_wait', 0.05, "seconds to wait for a frame's depth image before localizing without it",
           low=0.0, high=1.0),
+    Param('place_map', '', 'map file (`globloc map`): each confident pose is refined against it (ICP with the '
+          "frame's depth image, else image features and PnP); empty: the one-shot pose"),
     Param('map_frame', 'map', 'frame of the published poses'),
     Param('odom_frame', 'odom', 'odometry frame for publish_tf=map_to_odom'),
     Param('base_frame', '', "robot base frame: /initialpose carries the base pose (looked up base->camera "

@@ -40,8 +40,8 @@ import torch
 
 from globloc_ros import align as _align
 from globloc_ros.frames import backproject, cell_centres, depth_at_cells, scale_intrinsics
-from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, refine
 from globloc_ros.net import with_measured_depth
+from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, refine
 
 # ------------------------------------------------------------------------------------------ metadata schema
 GRAPH_FORMAT = 'globloc-pose-graph'  # ONNX / TorchScript graphs of PoseGraph

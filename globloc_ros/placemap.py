@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 from scipy.spatial import cKDTree
 
-from globloc_ros.frames import scale_intrinsics
+from globloc_ros.frames import rotation_error_deg, scale_intrinsics
 
 MAP_FORMAT = 'globloc-place-map'
 MAP_VERSION = 1
@@ -205,19 +205,19 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
         keys, sums = reduce(keys, sums, pending)
     feature_points = np.concatenate(feature_points) if feature_points else np.zeros((0, 3))
     descriptors = np.concatenate(descriptors) if descriptors else np.zeros((0, 32), np.uint8)
-    if len(feature_points):  # the same point seen from many frames: keep a few of its descriptors
-        keys = _voxel_keys(feature_points, FEATURE_VOXEL_M)
-        order = np.argsort(keys, kind='stable')
-        first = np.r_[0, np.flatnonzero(np.diff(keys[order])) + 1]
-        rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+    if not len(sums):
+        raise ValueError('no recorded depth to build a map from')
+    if len(feature_points):  # the same point seen from many frames: keep FEATURES_PER_VOXEL of its descriptors
+        fkeys = _voxel_keys(feature_points, FEATURE_VOXEL_M)
+        order = np.argsort(fkeys, kind='stable')
+        first = np.r_[0, np.flatnonzero(np.diff(fkeys[order])) + 1]
+        rank = np.arange(len(fkeys)) - np.repeat(first, np.diff(np.r_[first, len(fkeys)]))
         keep = np.sort(order[rank < FEATURES_PER_VOXEL])
         feature_points, descriptors = feature_points[keep], descriptors[keep]
-    if not len(sums) and not len(feature_points):
-        raise ValueError('no recorded depth to build a map from')
     normals = sums[:, 3:6]
     norm = np.linalg.norm(normals, axis=1, keepdims=True)
     consistent = norm[:, 0] > 0.5 * sums[:, 6]  # views of the voxel agree on which way the surface faces
-    points = (sums[:, :3] / np.maximum(sums[:, 6:], 1))[consistent]
+    points = (sums[:, :3] / sums[:, 6:])[consistent]
     normals = (normals / np.maximum(norm, 1e-12))[consistent]
     return PlaceMap(points.astype(np.float32), normals.astype(np.float32), float(voxel),
                     feature_points.astype(np.float32), descriptors.astype(np.uint8),
@@ -299,8 +299,7 @@ def _rotation(w: np.ndarray) -> np.ndarray:
 
 def _correction(T0: np.ndarray, R: np.ndarray, c: np.ndarray) -> tuple[float, float]:
     """(metres, degrees) between T0 and the pose (R, c)."""
-    turned = np.degrees(np.arccos(np.clip((np.trace(R @ T0[:3, :3].T) - 1) / 2, -1, 1)))
-    return float(np.linalg.norm(c - T0[:3, 3])), float(turned)
+    return float(np.linalg.norm(c - T0[:3, 3])), float(rotation_error_deg(R, T0[:3, :3]))
 
 
 def _to_ros(cov: np.ndarray) -> np.ndarray:

@@ -2,8 +2,8 @@
 
     globloc map --bags data/scene/seq_00 data/scene/seq_01 --out scene.map.npz
 
-The map holds the surfaces and ORB image features with their 3D points, from the bags' recorded depth and poses
-(globloc_ros.placemap). The node (parameter place_map) and `globloc eval --map`
+The map holds the surfaces (from recorded depth) and ORB image features with their 3D points (from recorded depth,
+or triangulated between frames without it, with the bags' poses); globloc_ros.placemap. The node (parameter place_map) and `globloc eval --map`
 refine each confident pose against it: ICP with a depth camera, feature matching and PnP without. Build it from
 the same bags as the model, and leave out what the model leaves out (--holdout), so that a held-out evaluation stays
 held out.
@@ -24,12 +24,13 @@ from globloc_ros.placemap import MAP_FEATURES, VOXEL_M, View, build_map, save_ma
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--bags', nargs='+', required=True, help='bags of the place with recorded depth (folders/files)')
+    p.add_argument('--bags', nargs='+', required=True, help='bags of the place (folders/files)')
     p.add_argument('--out', required=True, help='map file to write (.npz)')
     p.add_argument('--voxel', type=float, default=VOXEL_M, help=f'surface averaging voxel, metres (default {VOXEL_M})')
     p.add_argument('--stride', type=int, default=2, help='surfaces from every stride-th depth pixel (default 2)')
     p.add_argument('--features', type=int, default=MAP_FEATURES,
-                   help=f'ORB features per frame (default {MAP_FEATURES}; 0: surfaces only)')
+                   help=f'ORB features per frame (default {MAP_FEATURES}; 0: surfaces only; bags without depth: '
+                        'more, e.g. 2000, as only the features matched between frames are kept)')
     p.add_argument('--holdout', default=None, help="'every:K': leave out the frames `globloc eval --split every:K` "
                                                    'scores, as `globloc train --holdout` does')
     p.add_argument('--force', action='store_true', help='overwrite an existing file')
@@ -46,10 +47,7 @@ def run(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # label_fraction: the map does not use labels; the smallest share keeps reading cheap
     sequences = ds.load_sequences(a.bags, label_fraction=1e-9, progress=True, topics=topics, holdout=a.holdout)
-    for s in sequences:
-        if not any(f.depth is not None for f in s.frames):
-            raise ValueError(f'{s.path}: no depth images on {topics.depth}; a map needs recorded depth')
-    frames = [f for s in sequences for f in s.frames if f.depth is not None]
+    frames = [f for s in sequences for f in s.frames]
     views = (View(f.image, f.K, f.T_map_cam, f.depth) for f in tqdm(frames, desc='map', unit='frame'))
     place = build_map(views, voxel=a.voxel, stride=a.stride, n_features=a.features,
                       meta={'bags': [str(s.path) for s in sequences], 'frames': len(frames), 'holdout': a.holdout,

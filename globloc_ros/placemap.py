@@ -6,13 +6,13 @@ off on new viewpoints. A map built once from the training bags (`globloc map`) t
 - with the image alone: ORB features of the frame matched to the map's ORB features near where the one-shot pose
   projects them, then PnP-RANSAC (refine_features).
 
-    place = build_map(views)            # views: View(image, K, T_map_cam, depth) of recorded RGB-D frames
+    place = build_map(views)            # views: View(image, K, T_map_cam, depth or None) of recorded frames
     save_map(place, 'place.map.npz'); place = load_map('place.map.npz')
     r = refine(place, T_map_cam, image, K, depth, prior_covariance)   # r.accepted -> r.T_map_cam
 
-The map is built from the bags' recorded depth and poses: (a) surfaces, voxel-averaged points with normals, and
-(b) features, ORB descriptors with their map-frame points. A camera without depth still uses (b) at run time; bags
-without depth cannot make a map yet (that needs the features triangulated across frames).
+The map is built from the bags' images and poses: (a) surfaces, voxel-averaged points with normals, from recorded
+depth, and (b) features, ORB descriptors with their map-frame points, from recorded depth or, for frames without
+depth, triangulated between frames that see the same part of the place.
 Fail-safe rules: directions the surfaces do not constrain (a single wall leaves three) keep the one-shot pose; a
 refinement with too little support on the map, or a correction larger than the one-shot error can be, is refused,
 and the caller keeps the one-shot pose.
@@ -49,6 +49,11 @@ MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors,
 MAP_FEATURES = 500  # ORB features per recorded frame
 # One descriptor per point of the place (2 cm voxel): 3 were 10 % more accurate and 1.8x slower.
 FEATURE_VOXEL_M, FEATURES_PER_VOXEL = 0.02, 1
+# Triangulation (frames without depth): each frame with the PAIR_NEIGHBOURS farthest frames whose optical axes are
+# within PAIR_MAX_ANGLE_DEG (the nearest frames of a video see the place from almost the same point: what passes the
+# parallax test there are mostly wrong matches close to the camera); a point is kept when it reprojects within
+# TRIANGULATION_ERROR_PX in both and the rays meet at MIN_PARALLAX_DEG or more (below, its depth is poorly fixed).
+PAIR_NEIGHBOURS, PAIR_MAX_ANGLE_DEG, TRIANGULATION_ERROR_PX, MIN_PARALLAX_DEG = 4, 40.0, 2.0, 2.0
 QUERY_FEATURES = 1000
 RADII_PX = (20.0, 6.0)
 MAX_HAMMING = 50
@@ -70,7 +75,7 @@ class MapError(RuntimeError):
 
 class View(NamedTuple):
     """One recorded frame for build_map: image (H, W, 3) uint8 RGB, K (3, 3), T_map_cam (4, 4), depth (H, W)
-    metres (NaN: not measured) registered to the image, or None (the frame is skipped)."""
+    metres (NaN: not measured) registered to the image, or None."""
     image: np.ndarray
     K: np.ndarray
     T_map_cam: np.ndarray
@@ -163,12 +168,58 @@ def frame_features(view: View, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarra
     return X @ T[:3, :3].T + T[:3, 3], des[ok]
 
 
+def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Features of frames without depth, with the poses known: views [(uv (n, 2), descriptors (n, 32), K (3, 3),
+    T_map_cam (4, 4))] -> (map-frame points (m, 3), descriptors (m, 32)), each point once per frame it was matched in.
+    Pairs: each frame with the PAIR_NEIGHBOURS farthest (camera centres) whose optical axes differ by at most
+    PAIR_MAX_ANGLE_DEG; matches: Hamming nearest neighbour with the ratio test."""
+    points, descriptors = [np.zeros((0, 3))], [np.zeros((0, 32), np.uint8)]
+    if len(views) < 2:
+        return points[0], descriptors[0]
+    centres = np.array([T[:3, 3] for *_, T in views])
+    axes = np.array([T[:3, 2] for *_, T in views])
+    baseline = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    similar = axes @ axes.T >= np.cos(np.radians(PAIR_MAX_ANGLE_DEG))
+    np.fill_diagonal(similar, False)
+    pairs = set()
+    for i in range(len(views)):  # the widest baselines among frames looking the same way: the best-fixed depths
+        js = np.flatnonzero(similar[i])
+        for j in js[np.argsort(-baseline[i, js])][:PAIR_NEIGHBOURS]:
+            pairs.add((min(i, j), max(i, j)))
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    for i, j in sorted(pairs):
+        (uv_i, des_i, K_i, T_i), (uv_j, des_j, K_j, T_j) = views[i], views[j]
+        if len(des_i) < 2 or len(des_j) < 2:
+            continue
+        m = [a for a, b in matcher.knnMatch(des_i, des_j, k=2) if a.distance < RATIO * b.distance]
+        if not m:
+            continue
+        a, b = np.array([x.queryIdx for x in m]), np.array([x.trainIdx for x in m])
+        P_i = K_i @ np.linalg.inv(T_i)[:3]
+        P_j = K_j @ np.linalg.inv(T_j)[:3]
+        X = cv2.triangulatePoints(P_i, P_j, uv_i[a].T.astype(np.float64), uv_j[b].T.astype(np.float64))
+        with np.errstate(divide='ignore', invalid='ignore'):
+            X = (X[:3] / X[3]).T
+            ok = np.isfinite(X).all(1)
+            for P, uv in ((P_i, uv_i[a]), (P_j, uv_j[b])):
+                x = X @ P[:, :3].T + P[:, 3]
+                ok &= (x[:, 2] > 0) & (np.linalg.norm(x[:, :2] / x[:, 2:] - uv, axis=1) < TRIANGULATION_ERROR_PX)
+            r_i, r_j = X - T_i[:3, 3], X - T_j[:3, 3]
+            cos = np.sum(r_i * r_j, 1) / (np.linalg.norm(r_i, axis=1) * np.linalg.norm(r_j, axis=1))
+            ok &= cos <= np.cos(np.radians(MIN_PARALLAX_DEG))
+        points += [X[ok], X[ok]]
+        descriptors += [des_i[a[ok]], des_j[b[ok]]]
+    return np.concatenate(points), np.concatenate(descriptors)
+
+
 def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int = MAP_FEATURES,
               meta: dict | None = None) -> PlaceMap:
-    """Recorded RGB-D frames -> PlaceMap. Surfaces: every stride-th depth pixel's point and normal in the map
-    frame, averaged per voxel (m), accumulated as it goes so memory follows the map's size, not the number of
-    frames. Features: up to n_features ORB features per frame (frame_features), at most FEATURES_PER_VOXEL per
-    FEATURE_VOXEL_M voxel. Raises ValueError without any depth."""
+    """Recorded frames -> PlaceMap. Surfaces (frames with depth): every stride-th depth pixel's point and normal
+    in the map frame, averaged per voxel (m), accumulated as it goes so memory follows the map's size, not the
+    number of frames. Features: up to n_features ORB features per frame, with depth (frame_features) or triangulated
+    between frames without (triangulate_features); at most FEATURES_PER_VOXEL per FEATURE_VOXEL_M voxel.
+    Raises ValueError when neither comes out."""
     if not voxel > 0:
         raise ValueError(f'voxel must be > 0 m, got {voxel}')
     keys = np.zeros(0, np.int64)
@@ -186,8 +237,13 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
         np.add.at(out, inv, s)
         return k, out
 
+    without_depth = []  # (uv, descriptors, K, T_map_cam) to triangulate
     for view in views:
         if view.depth is None:
+            if n_features:
+                kps, des = detector.detectAndCompute(cv2.cvtColor(view.image, cv2.COLOR_RGB2GRAY), None)
+                if des is not None:
+                    without_depth.append((np.array([k.pt for k in kps]), des, view.K, view.T_map_cam))
             continue
         if n_features:
             X, des = frame_features(view, detector)
@@ -203,10 +259,11 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
             pending = []
     if pending:
         keys, sums = reduce(keys, sums, pending)
-    feature_points = np.concatenate(feature_points) if feature_points else np.zeros((0, 3))
-    descriptors = np.concatenate(descriptors) if descriptors else np.zeros((0, 32), np.uint8)
-    if not len(sums):
-        raise ValueError('no recorded depth to build a map from')
+    X, des = triangulate_features(without_depth)
+    feature_points = np.concatenate([*feature_points, X])
+    descriptors = np.concatenate([*descriptors, des])
+    if not len(sums) and not len(feature_points):
+        raise ValueError('no recorded depth and no features triangulated between the frames: nothing to map')
     if len(feature_points):  # the same point seen from many frames: keep FEATURES_PER_VOXEL of its descriptors
         fkeys = _voxel_keys(feature_points, FEATURE_VOXEL_M)
         order = np.argsort(fkeys, kind='stable')

@@ -265,11 +265,48 @@ def test_feature_refinement_on_real_images(sun3d_map):
     assert after[0] < 0.04 and after[0] < 0.7 * before[0] and after[1] < 0.3 * before[1], (before, after)
 
 
-def test_map_of_a_bag_without_depth_is_refused(real_bags, tmp_path):
-    with pytest.raises(ValueError, match=r'strecha_entry_p10.*no depth images on /camera/depth/image_raw; a map '
-                                         r'needs recorded depth'):
-        mapper.run(_args(bags=[real_bags / 'strecha_entry_p10'], out=tmp_path / 'm.npz'))
-    assert not (tmp_path / 'm.npz').exists()
+def test_triangulated_features_lie_on_the_surfaces(tiny_scene):
+    """Frames without depth: features triangulated between frames with the known poses. The recorded depth, hidden
+    from the builder, checks where they are."""
+    frames = bg.read_sequence(tiny_scene / 'seq_00', progress=False).frames
+    place = pm.build_map([pm.View(f.image, f.K, f.T_map_cam, None) for f in frames])
+    assert len(place.points) == 0 and len(place.feature_points) > 200
+    rel = []
+    for f in frames:
+        uv, z = pm._project(place.feature_points.astype(np.float64), f.T_map_cam[:3, :3], f.T_map_cam[:3, 3], f.K)
+        u, v = np.round(uv).astype(int).T
+        inside = (z > 0) & (u >= 0) & (u < f.depth.shape[1]) & (v >= 0) & (v < f.depth.shape[0])
+        d = f.depth[v[inside], u[inside]]
+        rel.append((z[inside] - d)[np.isfinite(d)] / d[np.isfinite(d)])
+    # Depth along the ray relative to the surface there. Points hidden behind others in a frame count too, and at
+    # 160x120 a pixel is 1 % of the depth: 5 % median, no bias. (On the 300-frame synthetic sequences, pairing each
+    # frame with its nearest frames gave points 77 % too close: wrong matches.)
+    rel = np.concatenate(rel)
+    assert abs(np.median(rel)) < 0.03 and np.median(np.abs(rel)) < 0.08, (np.median(rel), np.median(np.abs(rel)))
+
+
+def test_map_of_images_only_refines_real_frames(real_bags, tmp_path):
+    """Strecha entry-P10: 768x512 stills 18-24 m from the facade, no depth. `globloc map` triangulates features
+    between the frames it keeps; each left-out frame starts 1 % of the scene depth and 1 deg off. A refinement is
+    either taken and better, or refused with its reason (PnP at 20 m is loosely pinned)."""
+    bag = real_bags / 'strecha_entry_p10'
+    out = tmp_path / 'entry.map.npz'
+    mapper.run(_args(bags=[bag], out=out, holdout='every:3', features=2000))
+    place = pm.load_map(out)
+    assert len(place.points) == 0 and len(place.feature_points) > 500 and place.meta['frames'] == 6
+    rng = np.random.default_rng(0)
+    taken = 0
+    for f in [f for f in bg.read_sequence(bag, progress=False).frames if f.index % 3 == 0]:
+        depth = np.median(np.linalg.norm(place.feature_points - f.T_map_cam[:3, 3], axis=1))
+        T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.01 * depth, 3), rng.normal(0, 1, 3))
+        r = pm.refine_features(place, T0, f.image, f.K, PRIOR)
+        if r.accepted:
+            taken += 1
+            assert _errors(r.T_map_cam, f.T_map_cam)[1] < _errors(T0, f.T_map_cam)[1]
+            assert _errors(r.T_map_cam, f.T_map_cam)[0] < 0.012 * depth
+        else:
+            assert r.reason
+    assert taken >= 2
 
 
 # ------------------------------------------------------------------------------------------------ Localizer

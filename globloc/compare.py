@@ -7,7 +7,9 @@ Rows (METHOD.md section 6):
 - globloc: this method (scene coordinates + depth + weights, one-shot Horn alignment, relative constraints);
 - globloc --no-relative: the ablation, same steps;                 both over --seeds seeds (0, 1, ...);
 - posenet: direct pose regression on the same backbone, same data and steps (seed 0);
-- globloc + PnP: the same globloc networks' scene coordinates through cv2.solvePnPRansac instead of the alignment.
+- globloc + PnP: the same globloc networks' scene coordinates through cv2.solvePnPRansac instead of the alignment;
+- with --map: the globloc and ablation networks again, each pose refined against that place map (`globloc map`),
+  as the node does with place_map.
 With --rgbd the two globloc rows train with `globloc train --rgbd` and are evaluated with the recorded depth
 (`globloc eval --depth`), as an RGB-D camera runs the node; posenet and PnP use no depth. --w-pose / --w-rel set the
 globloc rows' loss weights (default: train's).
@@ -34,7 +36,7 @@ from globloc import evaluate as ev
 from globloc.train import train
 
 METRICS = ('median_translation_m', 'median_rotation_deg', 'recall_5cm_5deg', 'recall_10cm_10deg',
-           'recall_25cm_2deg', 'failures')
+           'recall_25cm_2deg', 'failures', 'refined_fraction')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,6 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rgbd', action='store_true', help='globloc rows: train --rgbd, evaluate with the recorded depth')
     p.add_argument('--w-pose', type=float, default=None, help="globloc rows' L_pose weight (default: train's)")
     p.add_argument('--w-rel', type=float, default=None, help="globloc rows' L_adj + L_dist weight (default: train's)")
+    p.add_argument('--map', default=None, help='also refine the globloc rows against this place map (`globloc map`)')
     p.add_argument('--reuse', action='store_true', help='keep model files that already exist instead of retraining')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--quiet', action='store_true', help='no progress bars')
@@ -96,6 +99,10 @@ def compare(a: argparse.Namespace) -> dict:
                                                     {**ours, 'no_relative': True}),
             ('posenet', 'posenet (direct regression)', 'align', {'arch': 'posenet'}),
             ('globloc', 'globloc + PnP-RANSAC', 'pnp', None)]
+    place_map = getattr(a, 'map', None)
+    if place_map:
+        plan += [('globloc', 'globloc + map', 'align', None), ('globloc_norel', 'globloc --no-relative + map', 'align',
+                                                                None)]
     rows, curves = [], {}
     trained: dict[tuple[str, int], tuple[Path, float]] = {}
     for name, label, method, extra in plan:
@@ -106,7 +113,8 @@ def compare(a: argparse.Namespace) -> dict:
                 trained[(name, seed)] = _train_once(a, name, seed, holdout, **extra)
             model, train_s = trained[(name, seed)]
             r = ev.evaluate(model, a.test_bags, split=a.split, method=method, frames=frames,
-                            depth=rgbd and name != 'posenet' and method == 'align')
+                            depth=rgbd and name != 'posenet' and method == 'align',
+                            place_map=place_map if label.endswith('+ map') else None)
             runs.append({'seed': seed, 'model': str(model), 'train_time_s': round(train_s, 1),
                          **{k: r[k] for k in METRICS}, 'time_ms_per_frame': r['time_ms_per_frame']['mean'],
                          'ungated_median_translation_m': r['ungated']['median_translation_m']})
@@ -122,7 +130,7 @@ def compare(a: argparse.Namespace) -> dict:
     report = {'train_bags': [str(b) for b in a.bags], 'test_bags': [str(b) for b in a.test_bags],
               'test_frames': len(frames), 'steps': a.steps, 'seeds': a.seeds, 'input_size': a.input_size,
               'batch': a.batch, 'label_fraction': a.label_fraction, 'holdout': holdout, 'rgbd': rgbd,
-              'globloc_weights': ours, 'device': 'cpu',
+              'globloc_weights': ours, 'place_map': place_map and str(place_map), 'device': 'cpu',
               'threads': torch.get_num_threads(), 'rows': rows,
               'relative_constraints_translation_reduction': reduction,
               'posenet_over_globloc_median_ratio': rows[2]['median_translation_m_mean'] /
@@ -158,13 +166,14 @@ def markdown_table(rep: dict) -> str:
              f"train: {' '.join(rep['train_bags'])}  test: {' '.join(rep['test_bags'])}"
              + (f" (frames {rep['holdout']}, held out of training)" if rep.get('holdout') else ''), '',
              '| method | seeds | median t (cm) | median R (deg) | recall 5cm/5° | recall 10cm/10° | recall 25cm/2° | '
-             'failures | ungated median t (cm) | ms/frame | train s/run |',
-             '|---|---|---|---|---|---|---|---|---|---|---|']
+             'failures | refined | ungated median t (cm) | ms/frame | train s/run |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|']
     for r in rep['rows']:
         lines.append(f"| {r['method']} | {len(r['runs'])} | {_pm(r, 'median_translation_m', 100)} | "
                      f"{_pm(r, 'median_rotation_deg')} | {_pm(r, 'recall_5cm_5deg', 1, 3)} | "
                      f"{_pm(r, 'recall_10cm_10deg', 1, 3)} | {_pm(r, 'recall_25cm_2deg', 1, 3)} | "
-                     f"{_pm(r, 'failures', 1, 1)} | {_pm(r, 'ungated_median_translation_m', 100)} | "
+                     f"{_pm(r, 'failures', 1, 1)} | {_pm(r, 'refined_fraction', 1, 3)} | "
+                     f"{_pm(r, 'ungated_median_translation_m', 100)} | "
                      f"{_pm(r, 'time_ms_per_frame', 1, 1)} | "
                      f"{_pm(r, 'train_time_s', 1, 0)} |")
     red = rep['relative_constraints_translation_reduction']
@@ -173,7 +182,11 @@ def markdown_table(rep: dict) -> str:
                   f"direct regression's median is {rep['posenet_over_globloc_median_ratio']:.2f}x this method's.",
               "Ungated: the estimates' own median error with the confidence gate ignored (diagnostic).",
               'Values are mean ± std over seeds; failures count at infinite error. PnP rows reuse the globloc '
-              'networks (no extra training). Timing: one frame at a time, resize + network + pose, this machine.', '']
+              'networks (no extra training). Timing: one frame at a time, resize + network + pose, this machine.']
+    if rep.get('place_map'):
+        lines.append(f"'+ map' rows: the same networks, poses refined against {rep['place_map']}; 'refined': the "
+                     'share of frames whose refinement was taken (the others keep the one-shot pose).')
+    lines.append('')
     return '\n'.join(lines)
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from globloc import bags as bg
 from globloc import baselines as bl
 from globloc import dataset as ds
 from globloc import evaluate as ev
@@ -193,6 +194,19 @@ def test_compare_writes_one_table(tiny_scene, tmp_path):
     meta = torch.load(tmp_path / 'cmp_rgbd' / 'models' / 'globloc_norel_s0.pt', weights_only=True)['meta']
     assert meta['recipe']['rgbd'] and meta['recipe']['no_relative'] and meta['recipe']['w_pose'] == 0.5
     assert 'RGB-D' in (tmp_path / 'cmp_rgbd' / 'compare.md').read_text()
+    # --map: the globloc and ablation networks again, refined against a place map; nothing retrained.
+    from globloc_ros import placemap as pm
+    views = [pm.View(f.image, f.K, f.T_map_cam, f.depth) for b in args.bags
+             for f in bg.read_sequence(b, progress=False).frames]
+    pm.save_map(pm.build_map(views), tmp_path / 'place.map.npz')
+    before = sorted((tmp_path / 'cmp' / 'models').iterdir())
+    mapped = compare.compare(argparse.Namespace(**{**vars(args), 'reuse': True, 'map': tmp_path / 'place.map.npz'}))
+    assert sorted((tmp_path / 'cmp' / 'models').iterdir()) == before
+    rows = {r['method']: r for r in mapped['rows']}
+    assert [r['model'] for r in rows['globloc + map']['runs']] == [r['model'] for r in rows['globloc']['runs']]
+    assert rows['globloc']['refined_fraction_mean'] == 0 and 'globloc --no-relative + map' in rows
+    assert 0 <= rows['globloc + map']['refined_fraction_mean'] <= 1
+    assert "'+ map' rows" in (tmp_path / 'cmp' / 'compare.md').read_text()
     # A test bag that is also a training bag: refused without a split, held out of training with one.
     same = argparse.Namespace(**{**vars(args), 'test_bags': args.bags, 'split': 'all'})
     with pytest.raises(ValueError, match='are training bags too: give --split every:K'):

@@ -3,10 +3,10 @@
     globloc map --bags data/scene/seq_00 data/scene/seq_01 --out scene.map.npz
 
 The map holds the surfaces (from recorded depth) and ORB image features with their 3D points (from recorded depth,
-or triangulated between frames without it, with the bags' poses); globloc_ros.placemap. The node (parameter place_map) and `globloc eval --map`
-refine each confident pose against it: ICP with a depth camera, feature matching and PnP without. Build it from
-the same bags as the model, and leave out what the model leaves out (--holdout), so that a held-out evaluation stays
-held out.
+or triangulated between frames without it, with the bags' poses); globloc_ros.placemap. The node (parameter
+place_map) and `globloc eval --map` refine each confident pose against it: ICP with a depth camera, feature matching
+and PnP without. Build it from the same bags as the model, and leave out what the model leaves out (--holdout), so
+that a held-out evaluation stays held out.
 """
 from __future__ import annotations
 

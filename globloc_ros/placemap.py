@@ -35,25 +35,26 @@ from globloc_ros.frames import rotation_error_deg, scale_intrinsics
 
 MAP_FORMAT = 'globloc-place-map'
 MAP_VERSION = 1
+# Building. Surfaces: voxel (m). Features: ORB features per recorded frame, and one descriptor per point of the place
+# (2 cm voxel): 3 were 10 % more accurate and 1.8x slower to match.
 VOXEL_M = 0.02
-MIN_POINTS = 50
-# ICP. Correspondence distance per iteration: coarse to fine, then up to 18 more at 5 cm until the update is below
-# 1e-6. A tighter last gate (2-3 cm) made real depth (SUN3D) converge less consistently from different starts.
-GATES_M = (0.2, 0.1, *[0.05] * 18)
-MIN_EIGENVALUE = 1e-3  # of the per-point normal matrix A^T A / N: below it a direction is not constrained
-MIN_INLIER_FRACTION = 0.5
-MAX_CORRECTION = (0.3, 10.0)  # metres, degrees: an RGB-D one-shot pose this far off would not have passed its gate
-MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors, 1500 cost twice the time on 640x480
-# Features. Search radii (pixels at 320x240, scaled with the image width) of the two matching rounds: around where
-# the one-shot pose projects the map's features, then around where the first PnP pose does.
-MAP_FEATURES = 500  # ORB features per recorded frame
-# One descriptor per point of the place (2 cm voxel): 3 were 10 % more accurate and 1.8x slower.
+MAP_FEATURES = 500
 FEATURE_VOXEL_M, FEATURES_PER_VOXEL = 0.02, 1
 # Triangulation (frames without depth): each frame with the PAIR_NEIGHBOURS farthest frames whose optical axes are
 # within PAIR_MAX_ANGLE_DEG (the nearest frames of a video see the place from almost the same point: what passes the
 # parallax test there are mostly wrong matches close to the camera); a point is kept when it reprojects within
 # TRIANGULATION_ERROR_PX in both and the rays meet at MIN_PARALLAX_DEG or more (below, its depth is poorly fixed).
 PAIR_NEIGHBOURS, PAIR_MAX_ANGLE_DEG, TRIANGULATION_ERROR_PX, MIN_PARALLAX_DEG = 4, 40.0, 2.0, 2.0
+# ICP. Correspondence distance per iteration: coarse to fine, then up to 18 more at 5 cm until the update is below
+# 1e-6. A tighter last gate (2-3 cm) made real depth (SUN3D) converge less consistently from different starts.
+GATES_M = (0.2, 0.1, *[0.05] * 18)
+MIN_POINTS = 50
+MIN_EIGENVALUE = 1e-3  # of the per-point normal matrix A^T A / N: below it a direction is not constrained
+MIN_INLIER_FRACTION = 0.5
+MAX_CORRECTION = (0.3, 10.0)  # metres, degrees: an RGB-D one-shot pose this far off would not have passed its gate
+MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors, 1500 cost twice the time on 640x480
+# Features. Search radii (pixels at 320x240, scaled with the image width) of the two matching rounds: around where
+# the one-shot pose projects the map's features, then around where the first PnP pose does.
 QUERY_FEATURES = 1000
 RADII_PX = (20.0, 6.0)
 MAX_HAMMING = 50

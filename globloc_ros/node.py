@@ -21,6 +21,8 @@ Outputs (node name `globloc` by default), all stamped with the image's stamp, in
 - ~/pose (PoseStamped), ~/pose_with_covariance (covariance order x, y, z, roll, pitch, yaw), ~/path
   (the last path_length poses, built only while someone subscribes);
 - TF (publish_tf): map -> the image's frame_id, or map -> odom = T_map_cam T_odom_cam^-1 (REP-105);
+- ~/map_cloud (PointCloud2, transient local, once at start, with place_map): the map's surface points (else its
+  feature points), thinned to MAP_CLOUD_POINTS, for RViz;
 - initialpose (relative name, so /initialpose or /<ns>/initialpose as nav2 expects): the next confident
   pose after ~/relocalize (std_srvs/Trigger) or at start (relocalize_on_start); the base_frame pose if set;
 - /diagnostics: counters frames_{received,published,dropped,no_camera_info,bad_camera_info,bad_image,
@@ -58,7 +60,7 @@ from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from rclpy.time import Time
-from sensor_msgs.msg import CameraInfo, CompressedImage, Image
+from sensor_msgs.msg import CameraInfo, CompressedImage, Image, PointCloud2, PointField
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
@@ -68,6 +70,7 @@ from globloc_ros.share import share_file
 
 DEFAULT_MODEL = 'globloc_synth.pt'
 EXIT_CONFIG = 2  # like argparse / `globloc`: the process could not start as configured
+MAP_CLOUD_POINTS = 200_000  # ~/map_cloud is thinned to this many points (2.4 MB)
 
 
 @dataclass(frozen=True)
@@ -264,6 +267,14 @@ def _transform_msg(T: np.ndarray) -> Transform:
                      rotation=Quaternion(x=float(q[0]), y=float(q[1]), z=float(q[2]), w=float(q[3])))
 
 
+def cloud_msg(points: np.ndarray, header: Header) -> PointCloud2:
+    """(N, 3) metres -> sensor_msgs/PointCloud2 with float32 fields x, y, z (unorganised, little endian)."""
+    xyz = np.ascontiguousarray(points, dtype='<f4')
+    fields = [PointField(name=n, offset=4 * i, datatype=PointField.FLOAT32, count=1) for i, n in enumerate('xyz')]
+    return PointCloud2(header=header, height=1, width=len(xyz), fields=fields, is_bigendian=False, point_step=12,
+                       row_step=12 * len(xyz), data=xyz.tobytes(), is_dense=True)
+
+
 def transform_to_matrix(tf) -> np.ndarray:
     """geometry_msgs/Transform -> T (4, 4)."""
     t, q = tf.translation, tf.rotation
@@ -313,6 +324,14 @@ class LocalizerNode(Node):
             PoseWithCovarianceStamped, 'initialpose',
             QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self.pub_diag = self.create_publisher(DiagnosticArray, '/diagnostics', 10)
+        place = self.localizer.place_map
+        if place is not None:  # the map, once, for RViz; transient local so a late viewer still gets it
+            self.pub_map = self.create_publisher(PointCloud2, '~/map_cloud', QoSProfile(
+                depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+            points = place.points if len(place.points) else place.feature_points
+            step = max(1, -(-len(points) // MAP_CLOUD_POINTS))  # ceil: at most MAP_CLOUD_POINTS
+            self.pub_map.publish(cloud_msg(points[::step], Header(frame_id=self.cfg['map_frame'],
+                                                                    stamp=self.get_clock().now().to_msg())))
 
         if self.cfg['qos'] == 'sensor_data':
             qos = QoSProfile(depth=2, reliability=qos_profile_sensor_data.reliability,

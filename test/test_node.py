@@ -329,6 +329,9 @@ def test_rviz_config_shows_the_node_outputs_in_the_map_frame():
     assert shown['rviz_default_plugins/Image'] == '/camera/image_raw'
     assert shown['rviz_default_plugins/Pose'] == '/globloc/pose'
     assert shown['rviz_default_plugins/Path'] == '/globloc/path'
+    assert shown['rviz_default_plugins/PointCloud2'] == '/globloc/map_cloud'
+    cloud = next(d for d in rviz['Displays'] if d['Class'] == 'rviz_default_plugins/PointCloud2')
+    assert cloud['Topic']['Durability Policy'] == 'Transient Local'  # published once, at start
     assert 'rviz_default_plugins/TF' in shown
 
 
@@ -705,6 +708,22 @@ class TestDepthMap:
         assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
         yield node
         assert node.stop() == 0, node.output()
+
+    def test_the_map_is_published_once_for_rviz(self, node, peer, map_path):
+        from sensor_msgs.msg import PointCloud2
+
+        from globloc_ros.placemap import load_map
+        got = []
+        sub = peer.node.create_subscription(PointCloud2, '/globloc/map_cloud', got.append, QoSProfile(
+            depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        try:
+            assert peer.wait(lambda: got, 10), node.output()  # subscribed after it was published: transient local
+        finally:
+            peer.node.destroy_subscription(sub)
+        msg, points = got[0], load_map(map_path).points
+        assert msg.header.frame_id == 'map' and msg.point_step == 12 and [f.name for f in msg.fields] == list('xyz')
+        xyz = np.frombuffer(bytes(msg.data), '<f4').reshape(-1, 3)
+        assert len(xyz) == msg.width == len(points) and np.array_equal(xyz, points)  # a small map goes out whole
 
     def test_published_poses_are_the_refined_ones(self, node, peer, setup, map_path):
         from globloc_ros.runtime import Localizer

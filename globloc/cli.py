@@ -13,7 +13,7 @@ SUBCOMMANDS = {
     'synth': ('globloc.synth', 'write a synthetic multi-sequence scene as rosbag2 bags'),
     'info': ('globloc.bags', 'summarise a bag or a folder of bags'),
     'train': ('globloc.train', 'train a model from bags'),
-    'map': ('globloc.mapper', 'build a map cloud from bags with depth, for the RGB-D refinement'),
+    'map': ('globloc.mapper', "build a map of the place from bags, to refine the node's poses against"),
     'eval': ('globloc.evaluate', 'evaluate a model on bags: JSON report and plots'),
     'compare': ('globloc.compare', 'this method vs ablation vs baselines, one table'),
     'export': ('globloc.export', 'export a model to ONNX, TorchScript or a TensorRT engine'),

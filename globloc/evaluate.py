@@ -124,12 +124,10 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
     if backend != 'direct' and (arch != 'globloc' or method == 'pnp'):
         backend = 'direct'
-    if depth and backend == 'direct':
-        raise ValueError(f'--depth needs a scene-coordinate model run by the Localizer (--backend torch, onnxruntime '
-                         f'or auto, --method align); got a {arch} model, backend {backend}, method {method}')
-    if place_map is not None and backend == 'direct':
-        raise ValueError(f'--map needs a scene-coordinate model run by the Localizer (--backend torch, onnxruntime or '
-                         f'auto, --method align); got a {arch} model, backend {backend}, method {method}')
+    if backend == 'direct' and (depth or place_map is not None):
+        raise ValueError(f"{'--depth' if depth else '--map'} needs a scene-coordinate model run by the Localizer "
+                         f'(--backend torch, onnxruntime or auto, --method align); got a {arch} model, backend '
+                         f'{backend}, method {method}')
     if depth and (missing := sum(f.depth is None for f in frames)):
         raise ValueError(f'--depth: {missing} of {len(frames)} test frames have no recorded depth')
     loc = (_DirectLocalizer(model_path, method) if backend == 'direct'

@@ -120,13 +120,18 @@ class Refinement:
 
 
 # ------------------------------------------------------------------------------------------------ building
+def _backproject(u: np.ndarray, v: np.ndarray, z: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Pixels (u, v) at depth z (any equal shapes S) with K (3, 3) -> camera-frame points (*S, 3)."""
+    return np.stack([(u - K[0, 2]) / K[0, 0] * z, (v - K[1, 2]) / K[1, 1] * z, z], -1)
+
+
 def depth_points(depth: np.ndarray, K: np.ndarray, stride: int) -> np.ndarray:
     """depth (H, W) metres along the optical axis (NaN / <= 0: not measured), K (3, 3) of that image ->
     camera-frame points (h, w, 3) of every stride-th pixel (NaN where not measured)."""
     d = np.asarray(depth, np.float64)[::stride, ::stride]
     d = np.where(np.isfinite(d) & (d > 0), d, np.nan)
     v, u = np.mgrid[0:depth.shape[0]:stride, 0:depth.shape[1]:stride].astype(np.float64)
-    return np.stack([(u - K[0, 2]) / K[0, 0] * d, (v - K[1, 2]) / K[1, 1] * d, d], -1)
+    return _backproject(u, v, d, K)
 
 
 def surface_normals(X: np.ndarray, max_step: float = 0.1) -> np.ndarray:
@@ -164,9 +169,8 @@ def frame_features(view: View, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarra
     z = patch[4]
     with np.errstate(invalid='ignore'):
         ok = np.isfinite(patch).all(0) & (z > 0) & (patch.max(0) - patch.min(0) < 0.05 * z)
-    K, T = view.K, view.T_map_cam
-    X = np.stack([(uv[:, 0] - K[0, 2]) / K[0, 0] * z, (uv[:, 1] - K[1, 2]) / K[1, 1] * z, z], 1)[ok]
-    return X @ T[:3, :3].T + T[:3, 3], des[ok]
+    X = _backproject(uv[:, 0], uv[:, 1], z, view.K)[ok]
+    return X @ view.T_map_cam[:3, :3].T + view.T_map_cam[:3, 3], des[ok]
 
 
 def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]

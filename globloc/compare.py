@@ -95,17 +95,18 @@ def compare(a: argparse.Namespace) -> dict:
     rgbd = bool(getattr(a, 'rgbd', False))
     ours = {k: v for k, v in (('rgbd', rgbd), ('w_pose', getattr(a, 'w_pose', None)),
                               ('w_rel', getattr(a, 'w_rel', None))) if v}
-    plan = [('globloc', 'globloc', 'align', ours), ('globloc_norel', 'globloc --no-relative', 'align',
-                                                    {**ours, 'no_relative': True}),
-            ('posenet', 'posenet (direct regression)', 'align', {'arch': 'posenet'}),
-            ('globloc', 'globloc + PnP-RANSAC', 'pnp', None)]
     place_map = getattr(a, 'map', None)
+    # (model name, row label, pose method, training flags or None to reuse the model, refine against the map)
+    plan = [('globloc', 'globloc', 'align', ours, False),
+            ('globloc_norel', 'globloc --no-relative', 'align', {**ours, 'no_relative': True}, False),
+            ('posenet', 'posenet (direct regression)', 'align', {'arch': 'posenet'}, False),
+            ('globloc', 'globloc + PnP-RANSAC', 'pnp', None, False)]
     if place_map:
-        plan += [('globloc', 'globloc + map', 'align', None), ('globloc_norel', 'globloc --no-relative + map', 'align',
-                                                                None)]
+        plan += [('globloc', 'globloc + map', 'align', None, True),
+                 ('globloc_norel', 'globloc --no-relative + map', 'align', None, True)]
     rows, curves = [], {}
     trained: dict[tuple[str, int], tuple[Path, float]] = {}
-    for name, label, method, extra in plan:
+    for name, label, method, extra, refine in plan:
         seeds = range(1) if name == 'posenet' else range(a.seeds)
         runs = []
         for seed in seeds:
@@ -114,7 +115,7 @@ def compare(a: argparse.Namespace) -> dict:
             model, train_s = trained[(name, seed)]
             r = ev.evaluate(model, a.test_bags, split=a.split, method=method, frames=frames,
                             depth=rgbd and name != 'posenet' and method == 'align',
-                            place_map=place_map if label.endswith('+ map') else None)
+                            place_map=place_map if refine else None)
             runs.append({'seed': seed, 'model': str(model), 'train_time_s': round(train_s, 1),
                          **{k: r[k] for k in METRICS}, 'time_ms_per_frame': r['time_ms_per_frame']['mean'],
                          'ungated_median_translation_m': r['ungated']['median_translation_m']})

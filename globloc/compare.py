@@ -54,6 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rgbd', action='store_true', help='globloc rows: train --rgbd, evaluate with the recorded depth')
     p.add_argument('--w-pose', type=float, default=None, help="globloc rows' L_pose weight (default: train's)")
     p.add_argument('--w-rel', type=float, default=None, help="globloc rows' L_adj + L_dist weight (default: train's)")
+    p.add_argument('--aug-translate', type=float, default=None,
+                   help="every model's novel-view translation (fraction of the median depth; 0 = no novel views; "
+                        "default: train's)")
+    p.add_argument('--aug-turn', type=float, default=None, help="every model's novel-view pan/tilt (deg; default: train's)")
     p.add_argument('--map', default=None, help='also refine the globloc rows against this place map (`globloc map`)')
     p.add_argument('--reuse', action='store_true', help='keep model files that already exist instead of retraining')
     p.add_argument('--threads', type=int, default=None)
@@ -68,8 +72,13 @@ def _train_once(a, name: str, seed: int, holdout: str | None, **extra) -> tuple[
     t0 = time.perf_counter()
     train(bags=a.bags, out=out, steps=a.steps, seed=seed, input_size=a.input_size, batch=a.batch,
           label_fraction=a.label_fraction, force=True, quiet=a.quiet, threads=a.threads, holdout=holdout,
-          **extra)
+          **_augmentation(a), **extra)
     return out, time.perf_counter() - t0
+
+
+def _augmentation(a) -> dict:
+    """The novel-view flags given to compare, passed to every model's training (none: train's defaults)."""
+    return {k: getattr(a, k) for k in ('aug_translate', 'aug_turn') if getattr(a, k, None) is not None}
 
 
 def _holdout(a) -> str | None:
@@ -131,8 +140,8 @@ def compare(a: argparse.Namespace) -> dict:
     report = {'train_bags': [str(b) for b in a.bags], 'test_bags': [str(b) for b in a.test_bags],
               'test_frames': len(frames), 'steps': a.steps, 'seeds': a.seeds, 'input_size': a.input_size,
               'batch': a.batch, 'label_fraction': a.label_fraction, 'holdout': holdout, 'rgbd': rgbd,
-              'globloc_weights': ours, 'place_map': place_map and str(place_map), 'device': 'cpu',
-              'threads': torch.get_num_threads(), 'rows': rows,
+              'globloc_weights': ours, 'augmentation': _augmentation(a), 'place_map': place_map and str(place_map),
+              'device': 'cpu', 'threads': torch.get_num_threads(), 'rows': rows,
               'relative_constraints_translation_reduction': reduction,
               'posenet_over_globloc_median_ratio': rows[2]['median_translation_m_mean'] /
               max(base['median_translation_m_mean'], 1e-12)}
@@ -163,7 +172,8 @@ def markdown_table(rep: dict) -> str:
     lines = [f"# globloc compare: {rep['test_frames']} held-out frames, {rep['steps']} steps, input "
              f"{rep['input_size']}, {rep['label_fraction'] * 100:g} % labels, CPU ({rep['threads']} threads)"
              + (', RGB-D: globloc rows trained with --rgbd and run with the recorded depth' if rep.get('rgbd') else '')
-             + (f", globloc loss weights {rep['globloc_weights']}" if rep.get('globloc_weights') else ''), '',
+             + (f", globloc loss weights {rep['globloc_weights']}" if rep.get('globloc_weights') else '')
+             + (f", augmentation {rep['augmentation']}" if rep.get('augmentation') else ''), '',
              f"train: {' '.join(rep['train_bags'])}  test: {' '.join(rep['test_bags'])}"
              + (f" (frames {rep['holdout']}, held out of training)" if rep.get('holdout') else ''), '',
              '| method | seeds | median t (cm) | median R (deg) | recall 5cm/5° | recall 10cm/10° | recall 25cm/2° | '

@@ -188,12 +188,18 @@ def test_compare_writes_one_table(tiny_scene, tmp_path):
     assert json.loads((tmp_path / 'cmp' / 'compare.json').read_text())['steps'] == 2
     assert (tmp_path / 'cmp' / 'compare.png').read_bytes()[:8] == PNG
     # --rgbd: the globloc rows train with it and run with the recorded depth; posenet trains as before.
+    # --aug-translate / --aug-turn reach every row's training.
     rgbd = compare.compare(argparse.Namespace(**{**vars(args), 'rgbd': True, 'w_pose': 0.5, 'reuse': True,
-                                                 'out': tmp_path / 'cmp_rgbd', 'seeds': 1}))
+                                                 'out': tmp_path / 'cmp_rgbd', 'seeds': 1, 'aug_translate': 0.0,
+                                                 'aug_turn': 0.0}))
     assert rgbd['rgbd'] and rgbd['globloc_weights'] == {'rgbd': True, 'w_pose': 0.5}
     meta = torch.load(tmp_path / 'cmp_rgbd' / 'models' / 'globloc_norel_s0.pt', weights_only=True)['meta']
     assert meta['recipe']['rgbd'] and meta['recipe']['no_relative'] and meta['recipe']['w_pose'] == 0.5
-    assert 'RGB-D' in (tmp_path / 'cmp_rgbd' / 'compare.md').read_text()
+    for name in ('globloc_norel_s0', 'posenet_s0'):
+        recipe = torch.load(tmp_path / 'cmp_rgbd' / 'models' / f'{name}.pt', weights_only=True)['meta']['recipe']
+        assert recipe['aug_translate'] == 0 and recipe['aug_turn'] == 0
+    md = (tmp_path / 'cmp_rgbd' / 'compare.md').read_text()
+    assert 'RGB-D' in md and "augmentation {'aug_translate': 0.0, 'aug_turn': 0.0}" in md
     # --map: the globloc and ablation networks again, refined against a place map; nothing retrained.
     from globloc_ros import placemap as pm
     views = [pm.View(f.image, f.K, f.T_map_cam, f.depth) for b in args.bags

@@ -57,7 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--aug-translate', type=float, default=None,
                    help="every model's novel-view translation (fraction of the median depth; 0 = no novel views; "
                         "default: train's)")
-    p.add_argument('--aug-turn', type=float, default=None, help="every model's novel-view pan/tilt (deg; default: train's)")
+    p.add_argument('--aug-turn', type=float, default=None,
+                   help="every model's novel-view pan/tilt (deg; default: train's)")
     p.add_argument('--map', default=None, help='also refine the globloc rows against this place map (`globloc map`)')
     p.add_argument('--reuse', action='store_true', help='keep model files that already exist instead of retraining')
     p.add_argument('--threads', type=int, default=None)

@@ -182,7 +182,7 @@ def time_refinement(frames, repeats: int = 3) -> dict:
         for _ in range(repeats):
             for v in views:
                 T0 = v.T_map_cam.copy()
-                T0[:3, :3] = pm._rotation(rng.normal(0, np.radians(1.0) / np.sqrt(3), 3)) @ T0[:3, :3]
+                T0[:3, :3] = cv2.Rodrigues(rng.normal(0, np.radians(1.0) / np.sqrt(3), 3))[0] @ T0[:3, :3]
                 T0[:3, 3] += rng.normal(0, 0.03 / np.sqrt(3), 3)
                 for method in times:
                     t0 = time.perf_counter()

@@ -26,7 +26,6 @@ import argparse
 import io
 import itertools
 import json
-import os
 import tempfile
 import time
 import warnings
@@ -39,7 +38,7 @@ import torch
 
 from globloc_ros import runtime as rt
 from globloc_ros.frames import rotation_error_deg
-from globloc_ros.modelfile import load_model
+from globloc_ros.modelfile import atomic_write, load_model
 from globloc_ros.net import PoseGraph
 
 OPSET = 17
@@ -184,18 +183,7 @@ def compare_onnx_with_torch(onnx_path, net, frames) -> tuple[float, float]:
 
 
 def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the model from the user the node runs as
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def export_onnx(model_path, out, dynamic_batch: bool = False, verify: bool = True,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from globloc_ros.frames import rotation_error_deg, scale_intrinsics
+from globloc_ros.modelfile import atomic_write
 
 MAP_FORMAT = 'globloc-place-map'
 MAP_VERSION = 1
@@ -296,20 +296,11 @@ def _voxel_keys(P: np.ndarray, voxel: float) -> np.ndarray:
 
 
 def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
-    """Write an .npz atomically (a temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            np.savez_compressed(f, points=place.points, normals=place.normals.astype(np.float16),
-                                feature_points=place.feature_points, descriptors=place.descriptors,
-                                header=json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION,
-                                                   'voxel': place.voxel, 'meta': place.meta}))
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Write an .npz atomically (modelfile.atomic_write)."""
+    header = json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION, 'voxel': place.voxel, 'meta': place.meta})
+    atomic_write(path, lambda f: np.savez_compressed(
+        f, points=place.points, normals=place.normals.astype(np.float16), feature_points=place.feature_points,
+        descriptors=place.descriptors, header=header))
 
 
 def load_map(path: str | os.PathLike) -> PlaceMap:
@@ -350,13 +341,6 @@ def refine(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K: np.ndar
     if len(place.feature_points) >= MIN_PNP_INLIERS:
         return refine_features(place, T_map_cam, image, K, prior_covariance)
     return None
-
-
-def _rotation(w: np.ndarray) -> np.ndarray:
-    """Rodrigues: rotation vector (3,) rad -> (3, 3)."""
-    th = np.linalg.norm(w)
-    k = np.array([[0, -w[2], w[1]], [w[2], 0, -w[0]], [-w[1], w[0], 0]]) / max(th, 1e-12)
-    return np.eye(3) + np.sin(th) * k + (1 - np.cos(th)) * k @ k
 
 
 def _correction(T0: np.ndarray, R: np.ndarray, c: np.ndarray) -> tuple[float, float]:
@@ -408,7 +392,7 @@ def refine_icp(place: PlaceMap, T_map_cam: np.ndarray, depth: np.ndarray, K: np.
         lam, V = np.linalg.eigh(A.T @ A / len(r))
         pinned = lam >= MIN_EIGENVALUE
         x = -V[:, pinned] @ ((V[:, pinned].T @ (A.T @ r / len(r))) / lam[pinned])
-        R, c = _rotation(x[:3]) @ R, c + x[3:]
+        R, c = cv2.Rodrigues(x[:3])[0] @ R, c + x[3:]
         if np.abs(x).max() < 1e-6:
             break
     dist, j = place.tree.query(X @ R.T + c, distance_upper_bound=gates_m[-1])

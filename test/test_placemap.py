@@ -5,6 +5,7 @@ import argparse
 import json
 import re
 
+import cv2
 import numpy as np
 import pytest
 
@@ -18,7 +19,7 @@ PRIOR = np.diag([0.01, 0.02, 0.03, 0.004, 0.005, 0.006])
 
 
 def _turn(deg_xyz) -> np.ndarray:
-    return pm._rotation(np.radians(np.asarray(deg_xyz, float)))
+    return cv2.Rodrigues(np.radians(np.asarray(deg_xyz, float)))[0]
 
 
 def _perturbed(T: np.ndarray, t_m, r_deg) -> np.ndarray:

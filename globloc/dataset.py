@@ -300,6 +300,13 @@ def warp_params(seed: int, step: int, n: int, max_scale: float, max_rotation_deg
     return p
 
 
+def keep_mask(seed: int, step: int, n: int, fraction: float) -> np.ndarray:
+    """(n,) bool: the images of a step that skip the geometric and novel-view augmentation and are seen as
+    recorded. Both resample the image, which blurs it; without unresampled images in training the network learns
+    the blur as part of the scene's look and misjudges depth on sharp recorded images."""
+    return np.random.default_rng([int(seed), int(step), 5]).uniform(size=n) < fraction
+
+
 def _rz(theta: torch.Tensor) -> torch.Tensor:
     """(B,) angles -> (B, 3, 3) rotations about the optical axis z."""
     c, s = torch.cos(theta), torch.sin(theta)
@@ -316,8 +323,8 @@ def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torc
     shifted, and a pixel maps as p' = K' Rz K^-1 p. Depth along the optical axis is unchanged under both, so the
     depth at a new cell is the old depth where that cell's ray was. Images are resampled bilinearly (black outside
     the original view), labels moved (and dropped when they leave the image), depth cells resampled from the
-    full-resolution depth. Returns the warped batch and T_c'_c (B, 4, 4) (rotation Rz), which the caller applies to
-    relative poses: T_a'_p' = T_a'_a T_a_p T_p'_p^-1.
+    full-resolution depth; frames with identity params stay exactly as they were. Returns the warped batch and
+    T_c'_c (B, 4, 4) (rotation Rz), which the caller applies to relative poses: T_a'_p' = T_a'_a T_a_p T_p'_p^-1.
     """
     images, K = batch['images'], batch['K']
     B, _, H, W = images.shape
@@ -358,6 +365,9 @@ def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torc
     Rz4[:, :3, :3] = Rz
     out['T'] = batch['T'] @ Rz4.transpose(1, 2)
     out['K'] = K2
+    same = (p[:, 0] == 1) & (p[:, 1:] == 0).all(1)  # identity params: the frame exactly as it was
+    for key in ('images', 'depth', 'labels', 'label_mask'):
+        out[key] = torch.where(same.view(-1, *[1] * (out[key].dim() - 1)), batch[key].to(out[key].dtype), out[key])
     return out, Rz4
 
 
@@ -396,7 +406,8 @@ def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict,
     T_map_c' = T_map_c T_c'_c^-1, K unchanged. The depth map is forward-projected into c' with a z-buffer (one-pixel
     cracks closed by the nearest neighbour's depth); each new pixel then takes the colour where its ray meets the
     old image, if the old depth there agrees (otherwise it was hidden: black, no depth). Labels are moved with
-    the camera and dropped where the new view does not see them. Frames with too little depth stay unchanged.
+    the camera and dropped where the new view does not see them. Frames with too little depth, or all-zero
+    params, stay unchanged.
     Returns the new batch and T_c'_c (B, 4, 4), which the caller applies to relative poses:
     T_a'_p' = T_a'_a T_a_p T_p'_p^-1.
     """
@@ -404,9 +415,10 @@ def view_warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict,
     B, _, H, W = images.shape
     dt = K.dtype
     valid = torch.isfinite(d) & (d > 0)
-    moved = valid.flatten(1).float().mean(1) >= VIEW_MIN_DEPTH_FRACTION
+    p = torch.as_tensor(params, dtype=dt, device=K.device)
+    moved = (valid.flatten(1).float().mean(1) >= VIEW_MIN_DEPTH_FRACTION) & (p != 0).any(1)
     median = torch.nanmedian(torch.where(valid, d, torch.nan).flatten(1), 1).values
-    p = torch.as_tensor(params, dtype=dt, device=K.device) * moved[:, None].to(dt)
+    p = p * moved[:, None].to(dt)
     N = torch.eye(4, dtype=dt, device=K.device).repeat(B, 1, 1)
     N[:, :3, :3] = roma.rotvec_to_rotmat(p[:, 3:])
     N[:, :3, 3] = p[:, :3] * torch.nan_to_num(median)[:, None]

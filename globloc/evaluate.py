@@ -80,7 +80,7 @@ class _DirectLocalizer:
         Kt = torch.from_numpy(K_in).float()[None]
         with torch.inference_mode():
             if self.method == 'pnp':
-                _, scene, _, _ = self.net.heads(x)
+                _, scene, _, _ = self.net.heads(x, Kt)
                 T, ok, inliers = bl.pnp_pose(scene[0].numpy(), K_in, self.config.stride)
                 return T, ok, {'inliers': inliers}
             pose = self.net(x, Kt).pose
@@ -165,14 +165,14 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
     for f in frames:
         img, K, sx, sy = ds.resize_frame(f.image, f.K, net.config.input_size)
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
+        Kt = torch.from_numpy(K).float()[None]
         with torch.inference_mode():
-            _, scene, depth, logits = net.heads(x)
+            _, scene, depth, logits = net.heads(x, Kt)
         h, w = scene.shape[2:]
         d_rec = torch.from_numpy(fr.depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
         valid = torch.isfinite(d_rec[0])
         if valid.sum() < 10:
             continue
-        Kt = torch.from_numpy(K).float()[None]
         cam_rec = fr.backproject(d_rec, fr.cell_centres(h, w, stride), Kt)[0]  # (N, 3), NaN where no depth
         R, t = (torch.from_numpy(a).float() for a in (f.T_map_cam[:3, :3], f.T_map_cam[:3, 3]))
         depth_err.append(float((depth.flatten(1)[0] - d_rec[0])[valid].abs().median()))

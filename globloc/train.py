@@ -44,7 +44,7 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
-               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout')
+               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--aug-turn', type=float, default=5.0,
                    help='novel-view augmentation: pan and tilt the camera up to +-DEG (needs depth; 0 = off, '
                         'default 5)')
+    p.add_argument('--aug-keep', type=float, default=0.5,
+                   help='fraction of the images shown as recorded, without geometric or novel-view augmentation '
+                        '(their resampling blurs an image; default 0.5)')
     p.add_argument('--widths', default='32,64,96', help='backbone widths at stride 2, 4, 8 (default 32,64,96)')
     p.add_argument('--dilations', default='1,2,4',
                    help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')
@@ -216,6 +219,8 @@ def validate(a: argparse.Namespace) -> None:
     if not 0 <= a.aug_translate < 1 or not 0 <= a.aug_turn < 45:
         raise ValueError(f'--aug-translate must be in [0, 1) (a fraction of the median depth) and --aug-turn in '
                          f'[0, 45) deg (got {a.aug_translate}, {a.aug_turn})')
+    if not 0 <= a.aug_keep <= 1:
+        raise ValueError(f'--aug-keep must be a fraction in [0, 1], got {a.aug_keep}')
     out, ckpt = Path(a.out), checkpoint_path(a.out)
     if out.is_dir():
         raise ValueError(f'--out {out} is a folder; give a model file path')
@@ -379,7 +384,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
     config = NetConfig(input_size=input_size, widths=int_list(a.widths, 3, '--widths'),
                        dilations=int_list(a.dilations, None, '--dilations'), norm=a.norm,
-                       **ds.scene_normalisation(data))
+                       **ds.scene_normalisation(data), depth_focal=float(data.K[:, 0, 0].median()))
     tau = a.sc_clamp if a.sc_clamp is not None else 0.1 * config.scene_scale
 
     torch.manual_seed(a.seed)  # identical initial weights on every rank and in every resumed run
@@ -416,6 +421,11 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
             if (a.aug_scale > 1 or a.aug_rotate > 0 or a.aug_shift > 0) else None
         view = ds.view_params(a.seed, step, 3 * a.batch, a.aug_translate, a.aug_turn) \
             if (a.aug_translate > 0 or a.aug_turn > 0) else None
+        keep = ds.keep_mask(a.seed, step, 3 * a.batch, a.aug_keep)
+        if warp is not None:
+            warp[keep] = (1.0, 0.0, 0.0, 0.0)
+        if view is not None:
+            view[keep] = 0.0
         sl = slice(rank * per_rank, (rank + 1) * per_rank)
         batch = ds.batch_tensors(data, idx[sl], device)
         rel_t = torch.as_tensor(rel[sl], dtype=torch.float32, device=device)

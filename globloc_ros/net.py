@@ -2,7 +2,10 @@
 
 Per cell of a stride-8 map the network predicts
 - scene_coords (B, 3, h, w): X_map in metres, as c + sigma * out (c, sigma from the training scene);
-- depth (B, 1, h, w): metres, depth_min + softplus(out) * depth_scale, clamped to depth_max;
+- depth (B, 1, h, w): metres, (depth_min + softplus(out) * depth_scale) * fx / depth_focal, clamped to
+  depth_max. The head predicts depth for a canonical focal length (depth_focal, input pixels): a longer lens
+  (zoom augmentation, another camera) shows the same surface larger, as a closer one would, and fx / depth_focal
+  turns the canonical depth back into metres (the canonical camera space of Metric3D);
 - weights (B, h*w): softmax over the cells, so they sum to 1.
 cam_coords = depth * K^-1 [u, v, 1] at the cell centres (frames.cell_centres), and align_weighted
 turns (cam_coords, scene_coords, weights) into T_map_cam.
@@ -40,6 +43,7 @@ class NetConfig:
     depth_min: float = 0.1
     depth_scale: float = 1.0
     depth_max: float = 20.0
+    depth_focal: float = 0.0  # canonical fx (input pixels) of the depth head; 0: depth ignores K (older files)
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -110,13 +114,16 @@ class GlobLocNet(nn.Module):
         self.register_buffer('std', torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('centre', torch.tensor(cfg.scene_centre).view(1, 3, 1, 1), persistent=False)
 
-    def heads(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """image (B, 3, H, W) RGB on 0..255 -> features (B, C, h, w), scene_coords (B, 3, h, w),
-        depth (B, 1, h, w), weight logits (B, h*w)."""
+    def heads(self, image: torch.Tensor, K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+        """image (B, 3, H, W) RGB on 0..255, K (B, 3, 3) of that image -> features (B, C, h, w),
+        scene_coords (B, 3, h, w), depth (B, 1, h, w) metres, weight logits (B, h*w)."""
         cfg = self.config
         feats = self.trunk(self.backbone((image - self.mean) / self.std))
         scene = self.centre + cfg.scene_scale * self.scene_head(feats)
         depth = cfg.depth_min + F.softplus(self.depth_head(feats)) * cfg.depth_scale
+        if cfg.depth_focal > 0:
+            depth = depth * (K[:, :1, :1, None] / cfg.depth_focal)
         depth = depth.clamp(max=cfg.depth_max)
         return feats, scene, depth, self.weight_head(feats).flatten(1)
 
@@ -124,7 +131,7 @@ class GlobLocNet(nn.Module):
                 measured_depth: torch.Tensor | None = None) -> Prediction:
         """image (B, 3, H, W) RGB on 0..255, K (B, 3, 3) of that image -> Prediction (pose T_map_cam).
         measured_depth (B, 1, h, w) metres at the cells, optional: see with_measured_depth."""
-        _, scene, depth, logits = self.heads(image)
+        _, scene, depth, logits = self.heads(image, K)
         B, _, h, w = scene.shape
         weights = torch.softmax(logits, dim=1)
         uv = cell_centres(h, w, self.config.stride, device=image.device, dtype=image.dtype)
@@ -173,7 +180,7 @@ def count_macs(net: GlobLocNet, width: int, height: int) -> int:
 
     handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, nn.Conv2d)]
     with torch.no_grad():
-        net.heads(torch.zeros(1, 3, height, width))
+        net.heads(torch.zeros(1, 3, height, width), torch.eye(3)[None])
     for h in handles:
         h.remove()
     return macs

@@ -356,19 +356,19 @@ class _TorchBackend:
             self.net.to('cuda')
             self._capture()
 
-    def _heads(self, x: torch.Tensor):
+    def _heads(self, x: torch.Tensor, K: torch.Tensor):
         if self.device != 'cuda':  # the CPU path never touches CUDA, autocast included
-            _, scene, depth, logits = self.net.heads(x)
+            _, scene, depth, logits = self.net.heads(x, K)
             return scene, depth, logits
         # cache_enabled=False: autocast's weight cache does not mix with CUDA graph capture. fp32 means fp32:
         # cuDNN's TF32 convolutions (torch's default) are turned off for it.
         with torch.autocast('cuda', dtype=torch.float16, enabled=self.fp16, cache_enabled=False), \
                 torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=self.fp16):
-            _, scene, depth, logits = self.net.heads(x)
+            _, scene, depth, logits = self.net.heads(x, K)
         return scene.float(), depth.float(), logits.float()
 
     def _full(self, x: torch.Tensor, K: torch.Tensor, d: torch.Tensor):
-        return pose_from_heads(self.net, *self._heads(x), K, d)
+        return pose_from_heads(self.net, *self._heads(x, K), K, d)
 
     def _capture(self) -> None:
         W, H = self.net.config.input_size
@@ -401,7 +401,7 @@ class _TorchBackend:
             outs = [o.cpu().numpy() for o in self.static_out]  # .cpu() waits for the replay
             return outs, {'network': _ms(t0, time.perf_counter())}
         t0 = time.perf_counter()
-        heads = self._heads(x)
+        heads = self._heads(x, K)
         t1 = time.perf_counter()
         outs = [o.numpy() for o in pose_from_heads(self.net, *heads, K, d)]
         return outs, {'network': _ms(t0, t1), 'alignment': _ms(t1, time.perf_counter())}

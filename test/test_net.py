@@ -30,6 +30,19 @@ def test_gradients_reach_all_three_heads():
         assert head.weight.grad is not None and head.weight.grad.abs().sum() > 0
 
 
+def test_depth_is_for_the_canonical_focal_length():
+    """The same image seen through a lens twice as long shows surfaces twice as far away; without depth_focal
+    (older model files) the depth ignores K."""
+    x = torch.rand(1, 3, 48, 64) * 255
+    zoomed = _K(64, 48).clone()
+    zoomed[:, :2, :2] *= 2
+    for focal, ratio in ((0.8 * 64, 2.0), (0.0, 1.0)):
+        net = GlobLocNet(NetConfig(input_size=(64, 48), depth_focal=focal, depth_max=100.0))
+        d1, d2 = net.heads(x, _K(64, 48))[2], net.heads(x, zoomed)[2]
+        assert torch.allclose(d2, ratio * d1)
+        assert torch.allclose(net(x, _K(64, 48)).depth, d1)  # forward gives the heads' depth
+
+
 @pytest.mark.parametrize('norm, dilations', [('none', (1, 2, 4)), ('group', (1, 2))])
 def test_model_file_round_trip(tmp_path, norm, dilations):
     net = GlobLocNet(NetConfig(input_size=(64, 48), scene_scale=2.5, norm=norm, dilations=dilations))

@@ -70,7 +70,7 @@ def test_pose_from_heads_equals_pose_graph(model_file, frames):
     measured[..., :20] = 2.0  # the left half measured, the right half the depth head's
     for d in (torch.zeros(1, 1, 30, 40), measured):
         with torch.no_grad():
-            _, scene, depth, logits = net.heads(x)
+            _, scene, depth, logits = net.heads(x, K)
             split = rt.pose_from_heads(net, scene, depth, logits, K, d)
             fused = PoseGraph(net)(x, K, d)
         for a, b in zip(split, fused):

@@ -302,8 +302,8 @@ def warp_params(seed: int, step: int, n: int, max_scale: float, max_rotation_deg
 
 def keep_mask(seed: int, step: int, n: int, fraction: float) -> np.ndarray:
     """(n,) bool: the images of a step that skip the geometric and novel-view augmentation and are seen as
-    recorded. Both resample the image, which blurs it; without unresampled images in training the network learns
-    the blur as part of the scene's look and misjudges depth on sharp recorded images."""
+    recorded. Both leave black where the old view has no pixels (a border, disoccluded holes); a network that only
+    ever saw such images sets its depth scale by them and misjudges recorded images, which have none."""
     return np.random.default_rng([int(seed), int(step), 5]).uniform(size=n) < fraction
 
 

@@ -38,7 +38,7 @@ from globloc_ros import modelfile
 from globloc_ros.net import NetConfig
 
 CKPT_FORMAT = 'globloc-checkpoint'
-CKPT_VERSION = 1
+CKPT_VERSION = 2  # 2: canonical-focal depth and --aug-keep; version-1 runs cannot be continued
 TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 # Arguments that define the run's trajectory: a checkpoint may only be resumed with the same values.
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         'default 5)')
     p.add_argument('--aug-keep', type=float, default=0.5,
                    help='fraction of the images shown as recorded, without geometric or novel-view augmentation '
-                        '(their resampling blurs an image; default 0.5)')
+                        '(those leave black borders and holes that recorded images never have; default 0.5)')
     p.add_argument('--widths', default='32,64,96', help='backbone widths at stride 2, 4, 8 (default 32,64,96)')
     p.add_argument('--dilations', default='1,2,4',
                    help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')

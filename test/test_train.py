@@ -359,7 +359,7 @@ def test_geometric_augmentation_keeps_relative_poses_exact(tiny_scene):
 
 def test_kept_frames_skip_the_augmentation_exactly(tiny_scene):
     """--aug-keep: the kept frames of a step leave both geometric augmentations bit for bit as recorded (no
-    resampling blur), the others are warped; the choice depends only on (seed, step)."""
+    black border, no resampling), the others are warped; the choice depends only on (seed, step)."""
     keep = ds.keep_mask(0, 7, 4000, 0.5)
     assert np.array_equal(keep, ds.keep_mask(0, 7, 4000, 0.5)) and abs(keep.mean() - 0.5) < 0.03
     assert not ds.keep_mask(0, 7, 50, 0.0).any() and ds.keep_mask(0, 7, 50, 1.0).all()

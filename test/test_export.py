@@ -18,10 +18,12 @@ from globloc_ros.net import GlobLocNet, NetConfig, PoseGraph
 
 @pytest.fixture(scope='module')
 def model_file(tmp_path_factory):
-    """An untrained, seeded GlobLocNet at the default 320x240 input size."""
+    """An untrained, seeded GlobLocNet at the default 320x240 input size, its depth for a focal length of 300 px
+    (the real frames' own differs, so the graph's fx / depth_focal scaling is exercised)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp('model') / 'seeded.pt'
-    save_model(GlobLocNet(NetConfig(scene_centre=(0.5, 1.0, 1.5), scene_scale=2.0)), path, meta={'seed': 0})
+    config = NetConfig(scene_centre=(0.5, 1.0, 1.5), scene_scale=2.0, depth_focal=300.0)
+    save_model(GlobLocNet(config), path, meta={'seed': 0})
     return path
 
 

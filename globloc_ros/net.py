@@ -10,8 +10,12 @@ Per cell of a stride-8 map the network predicts
 cam_coords = depth * K^-1 [u, v, 1] at the cell centres (frames.cell_centres), and align_weighted
 turns (cam_coords, scene_coords, weights) into T_map_cam.
 
-The backbone is a small conv stack: three stride-2 convs, then residual blocks at stride 8 (dilations from the
-config). Normalisation is per sample (GroupNorm, or none in older model files), so single-process and
+Two backbones (NetConfig.backbone):
+- 'conv': a small conv stack, three stride-2 convs, then residual blocks at stride 8 (dilations from the config);
+- 'mobilenet_v2': MobileNetV2's first 14 blocks (Sandler et al. 2018; ImageNet weights via load_imagenet, batch
+  norm folded into the convs), their stride-16 output upsampled onto their stride-8 output, one 3x3 conv to
+  widths[2].
+Normalisation is per sample (GroupNorm, or none in older model files), so single-process and
 distributed training stay identical and the exported graph has no batch statistics.
 """
 from __future__ import annotations
@@ -36,6 +40,7 @@ class NetConfig:
     head_width: int = 128
     dilations: tuple[int, ...] = (1, 2, 4)  # one residual block per entry, at stride 8
     norm: str = 'none'  # 'none' or 'group' (GroupNorm, 8 groups); files without the key are 'none'
+    backbone: str = 'conv'  # 'conv' or 'mobilenet_v2'; files without the key are 'conv'
     mean: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)  # RGB, on 0..255
     std: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
     scene_centre: tuple[float, float, float] = (0.0, 0.0, 0.0)  # c, map frame, metres
@@ -93,6 +98,83 @@ class _Residual(nn.Module):
         return F.relu(x + self.norm(self.conv(x)))
 
 
+# MobileNetV2's inverted-residual stages up to stride 16: (expansion t, channels, blocks, stride of the first).
+MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1))
+
+
+class _InvertedResidual(nn.Module):
+    """1x1 expand (t > 1), 3x3 depthwise with `stride`, 1x1 linear projection; a skip where shapes allow.
+    Batch norm is folded into the convs (per-sample, as GroupNorm, so training stays batch-independent)."""
+
+    def __init__(self, cin: int, cout: int, t: int, stride: int):
+        super().__init__()
+        hidden = cin * t
+        self.expand = nn.Conv2d(cin, hidden, 1) if t != 1 else None
+        self.depthwise = nn.Conv2d(hidden, hidden, 3, stride, padding=1, groups=hidden)
+        self.project = nn.Conv2d(hidden, cout, 1)
+        self.skip = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x if self.expand is None else F.relu6(self.expand(x))
+        y = self.project(F.relu6(self.depthwise(y)))
+        return x + y if self.skip else y
+
+
+class MobileNetV2Backbone(nn.Module):
+    """image normalised (B, 3, H, W) -> features (B, width, H/8, W/8): MobileNetV2 to stride 16 (96 channels),
+    upsampled and stacked on its stride-8 output (32 channels), fused by a 3x3 conv."""
+
+    def __init__(self, width: int, norm: str):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, 2, padding=1)
+        blocks, cin = [], 32
+        for t, c, n, s in MOBILENET_V2_STAGES:
+            for i in range(n):
+                blocks.append(_InvertedResidual(cin, c, t, s if i == 0 else 1))
+                cin = c
+        self.blocks = nn.ModuleList(blocks)
+        self.fuse = _conv(32 + cin, width, 1, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self.stem(x))
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i == 5:  # the last block at stride 8
+                s8 = x
+        up = F.interpolate(x, size=s8.shape[-2:], mode='bilinear', align_corners=False)
+        return self.fuse(torch.cat([s8, up], 1))
+
+
+def load_imagenet(backbone: MobileNetV2Backbone, state_dict: dict[str, torch.Tensor], eps: float = 1e-5) -> None:
+    """Copy torchvision's ImageNet MobileNetV2 weights (`features.*` of mobilenet_v2-b0353104.pth) into
+    `backbone`, folding each batch norm (eval statistics) into the conv before it. The fuse conv keeps its own
+    initialisation."""
+    def fold(conv: nn.Conv2d, prefix_conv: str, prefix_bn: str) -> None:
+        try:
+            w = state_dict[prefix_conv + '.weight']
+            gamma, beta = state_dict[prefix_bn + '.weight'], state_dict[prefix_bn + '.bias']
+            mean, var = state_dict[prefix_bn + '.running_mean'], state_dict[prefix_bn + '.running_var']
+        except KeyError as e:
+            raise ValueError(f'ImageNet weights: missing {e.args[0]}; expected torchvision mobilenet_v2') from None
+        if w.shape != conv.weight.shape:
+            raise ValueError(f'ImageNet weights: {prefix_conv}.weight is {tuple(w.shape)}, the network needs '
+                             f'{tuple(conv.weight.shape)}')
+        scale = gamma / torch.sqrt(var + eps)
+        with torch.no_grad():
+            conv.weight.copy_(w * scale.view(-1, 1, 1, 1))
+            conv.bias.copy_(beta - mean * scale)
+
+    fold(backbone.stem, 'features.0.0', 'features.0.1')
+    for i, block in enumerate(backbone.blocks, start=1):
+        p = f'features.{i}.conv'
+        layers = [block.depthwise, block.project] if block.expand is None else \
+            [block.expand, block.depthwise, block.project]
+        names = [(f'{p}.{j}.0', f'{p}.{j}.1') for j in range(len(layers) - 1)]
+        names.append((f'{p}.{len(layers) - 1}', f'{p}.{len(layers)}'))
+        for conv, (c, b) in zip(layers, names):
+            fold(conv, c, b)
+
+
 class GlobLocNet(nn.Module):
     def __init__(self, config: NetConfig | None = None):
         super().__init__()
@@ -100,9 +182,14 @@ class GlobLocNet(nn.Module):
         if cfg.stride != 8:
             raise ValueError(f'only stride 8 is implemented, config says {cfg.stride}')
         w2, w4, w8 = cfg.widths
-        self.backbone = nn.Sequential(
-            _conv(3, w2, 2, cfg.norm), _conv(w2, w4, 2, cfg.norm), _conv(w4, w8, 2, cfg.norm),
-            *(_Residual(w8, d, cfg.norm) for d in cfg.dilations))
+        if cfg.backbone == 'conv':
+            self.backbone = nn.Sequential(
+                _conv(3, w2, 2, cfg.norm), _conv(w2, w4, 2, cfg.norm), _conv(w4, w8, 2, cfg.norm),
+                *(_Residual(w8, d, cfg.norm) for d in cfg.dilations))
+        elif cfg.backbone == 'mobilenet_v2':
+            self.backbone = MobileNetV2Backbone(w8, cfg.norm)
+        else:
+            raise ValueError(f"backbone must be 'conv' or 'mobilenet_v2', got {cfg.backbone!r}")
         self.trunk = nn.Sequential(nn.Conv2d(w8, cfg.head_width, 1), nn.ReLU(inplace=True))
         self.scene_head = nn.Conv2d(cfg.head_width, 3, 1)
         self.depth_head = nn.Conv2d(cfg.head_width, 1, 1)

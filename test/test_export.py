@@ -74,6 +74,17 @@ def test_onnx_metadata(onnx_file, model_file):
     assert meta['globloc.dynamic_batch'] == 'false'
 
 
+def test_mobilenet_v2_backbone_exports_and_matches_torch(real_bags, tmp_path):
+    torch.manual_seed(1)
+    path = tmp_path / 'mobilenet.pt'
+    config = NetConfig(input_size=(128, 96), backbone='mobilenet_v2', norm='group', scene_scale=2.0, depth_focal=120.0)
+    save_model(GlobLocNet(config), path)
+    frames = ex.bag_check_frames(real_bags / 'sun3d_frag1', (128, 96), n=2)
+    result = ex.export_onnx(path, tmp_path / 'mobilenet.onnx', check_frames=frames)
+    assert result.check_frames == 2 and result.max_dt_m < 1e-4 and result.max_drot_deg < 1e-3
+    assert result.ops['Resize'] == 1 and result.ops['Conv'] == 1 + 2 + 12 * 3 + 1 + 1 + 3  # stem, blocks, fuse, trunk, heads
+
+
 def test_dynamic_batch_runs_a_batch_like_single_frames(model_file, bag_frames, tmp_path):
     out = tmp_path / 'dyn.onnx'
     ex.export_onnx(model_file, out, dynamic_batch=True, check_frames=bag_frames[:1])

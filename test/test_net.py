@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from globloc_ros.modelfile import ModelFileError, load_model, save_model
-from globloc_ros.net import GlobLocNet, NetConfig
+from globloc_ros.net import MOBILENET_V2_STAGES, GlobLocNet, NetConfig, load_imagenet
 
 
 def _K(W=160, H=120):
@@ -95,3 +95,81 @@ def test_model_file_errors(tmp_path):
     torch.save(d, tmp_path / 'mismatch.pt')
     with pytest.raises(ModelFileError, match='do not fit'):
         load_model(tmp_path / 'mismatch.pt')
+
+
+def _torchvision_style_mobilenet_v2(gen: torch.Generator) -> dict:
+    """A random state dict with torchvision's mobilenet_v2 `features.*` keys, shapes and batch-norm statistics."""
+    sd = {}
+
+    def conv_bn(conv: str, bn: str, cout: int, cin_per_group: int) -> None:
+        k = (3, 3) if cin_per_group in (1, 3) else (1, 1)
+        sd[conv + '.weight'] = torch.randn(cout, cin_per_group, *k, generator=gen) / (cin_per_group * k[0] * k[1]) ** 0.5
+        sd[bn + '.weight'] = torch.rand(cout, generator=gen) + 0.5
+        sd[bn + '.bias'] = torch.randn(cout, generator=gen) * 0.1
+        sd[bn + '.running_mean'] = torch.randn(cout, generator=gen) * 0.1
+        sd[bn + '.running_var'] = torch.rand(cout, generator=gen) + 0.5
+
+    conv_bn('features.0.0', 'features.0.1', 32, 3)
+    i, cin = 1, 32
+    for t, c, n, _ in MOBILENET_V2_STAGES:
+        for _ in range(n):
+            p, hidden = f'features.{i}.conv', cin * t
+            layers = ([] if t == 1 else [(hidden, cin)]) + [(hidden, 1), (c, hidden)]
+            for j, (cout, cin_g) in enumerate(layers[:-1]):
+                conv_bn(f'{p}.{j}.0', f'{p}.{j}.1', cout, cin_g)
+            conv_bn(f'{p}.{len(layers) - 1}', f'{p}.{len(layers)}', *layers[-1])
+            i, cin = i + 1, c
+    return sd
+
+
+def _reference_mobilenet_v2(sd: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's structure with its batch norms (eval): outputs after block 6 (stride 8) and 13 (stride 16)."""
+    F = torch.nn.functional
+
+    def cbn(x, conv, bn, stride=1, groups=1, act=True):
+        w = sd[conv + '.weight']
+        x = F.conv2d(x, w, None, stride, w.shape[-1] // 2, 1, groups)
+        x = F.batch_norm(x, sd[bn + '.running_mean'], sd[bn + '.running_var'], sd[bn + '.weight'],
+                         sd[bn + '.bias'], False, 0.0, 1e-5)
+        return F.relu6(x) if act else x
+
+    x = cbn(x, 'features.0.0', 'features.0.1', 2)
+    i, cin = 1, 32
+    for t, c, n, s in MOBILENET_V2_STAGES:
+        for k in range(n):
+            p, stride, y, j = f'features.{i}.conv', s if k == 0 else 1, x, 0
+            if t != 1:
+                y, j = cbn(y, f'{p}.0.0', f'{p}.0.1'), 1
+            y = cbn(y, f'{p}.{j}.0', f'{p}.{j}.1', stride, groups=cin * t)
+            y = cbn(y, f'{p}.{j + 1}', f'{p}.{j + 2}', act=False)
+            x = x + y if stride == 1 and cin == c else y
+            if i == 6:
+                s8 = x
+            i, cin = i + 1, c
+    return s8, x
+
+
+def test_imagenet_weights_fold_batch_norm_exactly():
+    gen = torch.Generator().manual_seed(0)
+    sd = _torchvision_style_mobilenet_v2(gen)
+    net = GlobLocNet(NetConfig(input_size=(64, 48), backbone='mobilenet_v2', norm='group'))
+    load_imagenet(net.backbone, sd)
+    x = torch.randn(2, 3, 48, 64, generator=gen)
+    want8, want16 = _reference_mobilenet_v2(sd, x)
+    got = torch.nn.functional.relu6(net.backbone.stem(x))
+    for i, block in enumerate(net.backbone.blocks):
+        got = block(got)
+        if i == 5:
+            torch.testing.assert_close(got, want8, rtol=1e-4, atol=1e-5 * want8.abs().max().item())
+    assert got.shape == (2, 96, 3, 4)
+    torch.testing.assert_close(got, want16, rtol=1e-4, atol=1e-5 * want16.abs().max().item())
+    assert net.heads(x * 50 + 120, torch.eye(3)[None].repeat(2, 1, 1))[1].shape == (2, 3, 6, 8)
+
+
+def test_imagenet_weights_of_another_network_are_refused():
+    sd = _torchvision_style_mobilenet_v2(torch.Generator().manual_seed(0))
+    net = GlobLocNet(NetConfig(input_size=(64, 48), backbone='mobilenet_v2'))
+    with pytest.raises(ValueError, match='features.3.conv.1.0.weight is'):
+        load_imagenet(net.backbone, {**sd, 'features.3.conv.1.0.weight': torch.zeros(5, 1, 3, 3)})
+    with pytest.raises(ValueError, match='missing features.0.1.running_var'):
+        load_imagenet(net.backbone, {k: v for k, v in sd.items() if k != 'features.0.1.running_var'})

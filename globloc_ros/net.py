@@ -133,13 +133,14 @@ class MobileNetV2Backbone(nn.Module):
                 blocks.append(_InvertedResidual(cin, c, t, s if i == 0 else 1))
                 cin = c
         self.blocks = nn.ModuleList(blocks)
+        self.last_stride8 = sum(n for _, _, n, _ in MOBILENET_V2_STAGES[:3]) - 1  # block index
         self.fuse = _conv(32 + cin, width, 1, norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.stem(x))
         for i, block in enumerate(self.blocks):
             x = block(x)
-            if i == 5:  # the last block at stride 8
+            if i == self.last_stride8:
                 s8 = x
         up = F.interpolate(x, size=s8.shape[-2:], mode='bilinear', align_corners=False)
         return self.fuse(torch.cat([s8, up], 1))

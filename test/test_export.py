@@ -82,7 +82,8 @@ def test_mobilenet_v2_backbone_exports_and_matches_torch(real_bags, tmp_path):
     frames = ex.bag_check_frames(real_bags / 'sun3d_frag1', (128, 96), n=2)
     result = ex.export_onnx(path, tmp_path / 'mobilenet.onnx', check_frames=frames)
     assert result.check_frames == 2 and result.max_dt_m < 1e-4 and result.max_drot_deg < 1e-3
-    assert result.ops['Resize'] == 1 and result.ops['Conv'] == 1 + 2 + 12 * 3 + 1 + 1 + 3  # stem, blocks, fuse, trunk, heads
+    # convs: stem, 13 inverted-residual blocks (the first without expansion), fuse, trunk, 3 heads
+    assert result.ops['Resize'] == 1 and result.ops['Conv'] == 1 + 2 + 12 * 3 + 1 + 1 + 3
 
 
 def test_dynamic_batch_runs_a_batch_like_single_frames(model_file, bag_frames, tmp_path):

@@ -103,7 +103,8 @@ def _torchvision_style_mobilenet_v2(gen: torch.Generator) -> dict:
 
     def conv_bn(conv: str, bn: str, cout: int, cin_per_group: int) -> None:
         k = (3, 3) if cin_per_group in (1, 3) else (1, 1)
-        sd[conv + '.weight'] = torch.randn(cout, cin_per_group, *k, generator=gen) / (cin_per_group * k[0] * k[1]) ** 0.5
+        fan_in = cin_per_group * k[0] * k[1]
+        sd[conv + '.weight'] = torch.randn(cout, cin_per_group, *k, generator=gen) / fan_in ** 0.5
         sd[bn + '.weight'] = torch.rand(cout, generator=gen) + 0.5
         sd[bn + '.bias'] = torch.randn(cout, generator=gen) * 0.1
         sd[bn + '.running_mean'] = torch.randn(cout, generator=gen) * 0.1

@@ -47,15 +47,14 @@ TOL_R_DEG = 1e-3
 
 # ONNX ops seen in our PoseGraph exports (fixed and dynamic batch, both exporters) that TensorRT's ONNX parser
 # supports (onnx-tensorrt docs/operators.md; IsInf needs TensorRT >= 8.6; GroupNorm exports as Reshape +
-# InstanceNormalization; Resize is the mobilenet_v2 backbone's bilinear upsampling, which TensorRT's resize layer
-# runs with half_pixel coordinates). Anything else is refused, in particular the decompositions (Svd, Eig, Inverse, Det)
-# and control flow (If, Loop, Scan) whose trip counts or branches depend on data.
+# InstanceNormalization; Resize is the mobilenet_v2 backbone's bilinear upsampling, half_pixel coordinates).
+# Anything else is refused, in particular the decompositions (Svd, Eig, Inverse, Det) and control flow (If, Loop,
+# Scan) whose trip counts or branches depend on data.
 TENSORRT_OPS = frozenset({
     'Add', 'And', 'ArgMax', 'Cast', 'Clip', 'Concat', 'Constant', 'ConstantOfShape', 'Conv', 'Div', 'Equal',
     'Expand', 'Flatten', 'Gather', 'Greater', 'Identity', 'InstanceNormalization', 'IsInf', 'IsNaN', 'MatMul',
     'Mul', 'Neg', 'Not', 'Or', 'Pow', 'Range', 'Reciprocal', 'ReduceMin', 'ReduceSum', 'Relu', 'Reshape', 'Resize',
-    'Shape',
-    'Slice', 'Softmax', 'Softplus', 'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze', 'Where',
+    'Shape', 'Slice', 'Softmax', 'Softplus', 'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze', 'Where',
 })
 # ONNX node-name scopes of the CNN (TorchScript exporter): in an fp16 engine only these run in fp16.
 NETWORK_SCOPES = ('/net/backbone/', '/net/trunk/', '/net/scene_head/', '/net/depth_head/', '/net/weight_head/')

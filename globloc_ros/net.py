@@ -104,7 +104,7 @@ MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2
 
 class _InvertedResidual(nn.Module):
     """1x1 expand (t > 1), 3x3 depthwise with `stride`, 1x1 linear projection; a skip where shapes allow.
-    Batch norm is folded into the convs (per-sample, as GroupNorm, so training stays batch-independent)."""
+    No batch norm: load_imagenet folds it into the convs, a fixed affine per channel, so no batch statistics."""
 
     def __init__(self, cin: int, cout: int, t: int, stride: int):
         super().__init__()

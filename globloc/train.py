@@ -405,8 +405,9 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
         init_weights(net)
     pretrained = []
     if a.backbone == 'mobilenet_v2':
-        weights = a.pretrained or imagenet.mobilenet_v2_weights()
-        load_imagenet(net.backbone, torch.load(weights, map_location='cpu', weights_only=True))
+        if not a.resume:  # a resumed run takes all its weights from the checkpoint
+            weights = a.pretrained or imagenet.mobilenet_v2_weights()
+            load_imagenet(net.backbone, torch.load(weights, map_location='cpu', weights_only=True))
         pretrained = [p for name, p in net.backbone.named_parameters() if not name.startswith('fuse.')]
     net = net.to(device)
     config = net.config  # posenet tags its arch in config.extra

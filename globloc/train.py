@@ -64,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--w-sc', type=float, default=1.0, help='weight of L_sc (default 1)')
     p.add_argument('--w-depth', type=float, default=1.0, help='weight of L_depth (default 1)')
     p.add_argument('--w-pose', type=float, default=0.05, help='weight of L_pose (default 0.05)')
-    p.add_argument('--w-rel', type=float, default=0.05, help='weight of L_adj + L_dist (default 0.05)')
+    p.add_argument('--w-rel', type=float, default=0.2, help='weight of L_adj + L_dist (default 0.2)')
     p.add_argument('--beta', type=float, default=1.0, help='metres per radian of rotation error in pose losses')
     p.add_argument('--sc-clamp', type=float, default=None,
                    help='L_sc robust threshold in metres (default 0.1 x the scene scale)')

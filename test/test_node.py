@@ -702,8 +702,10 @@ class TestDepthMap:
     @pytest.fixture(scope='class')
     def node(self, peer, setup, map_path, tmp_path_factory):
         log = tmp_path_factory.mktemp('node_map') / 'node.log'
+        # Reliable camera subscriptions: every frame's pose is checked, and a best-effort image can be lost on a
+        # loaded machine (seen once, with a training beside the suite).
         node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={DEPTH_TOPIC}',
-                                 '-p', f'place_map:={map_path}', '-p', 'depth_wait:=0.5',
+                                 '-p', f'place_map:={map_path}', '-p', 'depth_wait:=0.5', '-p', 'qos:=reliable',
                                  '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
         assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
         yield node

@@ -340,9 +340,10 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
     rel (B, 2, 4, 4) measured T_anchor_partner; jitter (3 B, 5), warp (3 B, 4) and view (3 B, 6) augmentation
     parameters. Returns the total (scalar, mean over tuples) and the unweighted terms (batch means, detached)."""
     B = rel.shape[0]
-    for params, augment in ((view, ds.view_warp_batch), (warp, ds.warp_batch)):
+    for params, augment, identity in ((view, ds.view_warp_batch, (0.0,) * 6),
+                                      (warp, ds.warp_batch, (1.0, 0.0, 0.0, 0.0))):
         if params is not None:
-            batch, N = augment(batch, params, stride)  # N = T_new_old per image
+            batch, N = ds.augment_moved(augment, batch, params, stride, identity)  # N = T_new_old per image
             N = N.view(B, 3, 4, 4)
             rel = N[:, :1] @ rel @ torch.linalg.inv(N[:, 1:])  # T_a'_p' = T_a'_a T_a_p T_p'_p^-1
     images = ds.apply_jitter(batch['images'], jitter).contiguous(memory_format=torch.channels_last)

@@ -371,17 +371,19 @@ def warp_batch(batch: dict, params: np.ndarray, stride: int) -> tuple[dict, torc
     return out, Rz4
 
 
-def augment_moved(augment, batch: dict, params: np.ndarray, stride: int, identity: tuple) -> tuple[dict, torch.Tensor]:
+def augment_moved(augment, batch: dict, params: np.ndarray, stride: int,
+                  identity: tuple) -> tuple[dict, torch.Tensor]:
     """Run `augment` (warp_batch or view_warp_batch) on the frames whose params differ from `identity` only.
     The others come back as they were, bit for bit, as augment itself returns them; the warps treat each frame
     on its own, so the moved frames are the same as in a call on the whole batch. Kept frames (`keep_mask`) then
     cost nothing. Returns the batch and T_new_old (B, 4, 4), the identity for frames not moved."""
-    B = batch['images'].shape[0]
-    moved = torch.from_numpy(np.flatnonzero((params != np.asarray(identity)).any(1)))
-    N = torch.eye(4, dtype=batch['K'].dtype, device=batch['K'].device).repeat(B, 1, 1)
-    if len(moved) == 0:
+    B, device = batch['images'].shape[0], batch['K'].device
+    idx = np.flatnonzero((params != np.asarray(identity)).any(1))
+    N = torch.eye(4, dtype=batch['K'].dtype, device=device).repeat(B, 1, 1)
+    if len(idx) == 0:
         return batch, N
-    sub, N[moved] = augment({k: v[moved] for k, v in batch.items()}, params[moved.numpy()], stride)
+    moved = torch.from_numpy(idx).to(device)
+    sub, N[moved] = augment({k: v[moved] for k, v in batch.items()}, params[idx], stride)
     out = {}
     for key, value in batch.items():
         out[key] = value.to(sub[key].dtype, copy=True)

@@ -410,7 +410,7 @@ def test_kept_frames_skip_the_augmentation_exactly(tiny_scene):
             assert not any(same[k] for k in np.flatnonzero(~keep)), key
     # Training warps only the frames it moves (augment_moved): the whole batch comes out as above, bit for bit.
     sub, N_view = ds.augment_moved(ds.view_warp_batch, batch, view, 8, (0.0,) * 6)
-    sub, N_warp = ds.augment_moved(ds.warp_batch, sub, warp, 8, (1.0, 0.0, 0.0, 0.0))
+    sub, _ = ds.augment_moved(ds.warp_batch, sub, warp, 8, (1.0, 0.0, 0.0, 0.0))
     assert sub.keys() == out.keys()
     for key in out:
         assert sub[key].dtype == out[key].dtype and torch.equal(sub[key].nan_to_num(), out[key].nan_to_num()), key

@@ -287,6 +287,9 @@ def batch_tensors(data: TrainData, idx: np.ndarray, device: torch.device | str =
             'label_mask': data.label_mask[t].to(device)}
 
 
+WARP_IDENTITY = (1.0, 0.0, 0.0, 0.0)  # a warp_params row that leaves its frame as it is
+
+
 def warp_params(seed: int, step: int, n: int, max_scale: float, max_rotation_deg: float,
                 max_shift: float = 0.0) -> np.ndarray:
     """(n, 4) per image: zoom factor s (log-uniform in [1/max_scale, max_scale]), in-plane rotation (rad, uniform
@@ -382,6 +385,8 @@ def augment_moved(augment, batch: dict, params: np.ndarray, stride: int,
     N = torch.eye(4, dtype=batch['K'].dtype, device=device).repeat(B, 1, 1)
     if len(idx) == 0:
         return batch, N
+    if len(idx) == B:
+        return augment(batch, params, stride)
     moved = torch.from_numpy(idx).to(device)
     sub, N[moved] = augment({k: v[moved] for k, v in batch.items()}, params[idx], stride)
     out = {}
@@ -393,6 +398,7 @@ def augment_moved(augment, batch: dict, params: np.ndarray, stride: int,
 
 VIEW_MIN_DEPTH_FRACTION = 0.5  # frames with less valid depth than this are not moved (the warp needs depth)
 VISIBLE_DEPTH_RATIO = 0.05  # a point is seen from the new camera when its depth matches the new depth map within 5 %
+VIEW_IDENTITY = (0.0,) * 6  # a view_params row that leaves its frame as it is
 
 
 def view_params(seed: int, step: int, n: int, max_translate: float, max_turn_deg: float) -> np.ndarray:

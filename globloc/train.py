@@ -340,8 +340,8 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
     rel (B, 2, 4, 4) measured T_anchor_partner; jitter (3 B, 5), warp (3 B, 4) and view (3 B, 6) augmentation
     parameters. Returns the total (scalar, mean over tuples) and the unweighted terms (batch means, detached)."""
     B = rel.shape[0]
-    for params, augment, identity in ((view, ds.view_warp_batch, (0.0,) * 6),
-                                      (warp, ds.warp_batch, (1.0, 0.0, 0.0, 0.0))):
+    for params, augment, identity in ((view, ds.view_warp_batch, ds.VIEW_IDENTITY),
+                                      (warp, ds.warp_batch, ds.WARP_IDENTITY)):
         if params is not None:
             batch, N = ds.augment_moved(augment, batch, params, stride, identity)  # N = T_new_old per image
             N = N.view(B, 3, 4, 4)
@@ -458,9 +458,9 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
             if (a.aug_translate > 0 or a.aug_turn > 0) else None
         keep = ds.keep_mask(a.seed, step, 3 * a.batch, a.aug_keep)
         if warp is not None:
-            warp[keep] = (1.0, 0.0, 0.0, 0.0)
+            warp[keep] = ds.WARP_IDENTITY
         if view is not None:
-            view[keep] = 0.0
+            view[keep] = ds.VIEW_IDENTITY
         sl = slice(rank * per_rank, (rank + 1) * per_rank)
         batch = ds.batch_tensors(data, idx[sl], device)
         rel_t = torch.as_tensor(rel[sl], dtype=torch.float32, device=device)

@@ -399,7 +399,7 @@ def test_kept_frames_skip_the_augmentation_exactly(tiny_scene):
     batch = ds.batch_tensors(data, np.arange(12))
     keep = np.arange(12) % 3 == 0
     view, warp = ds.view_params(0, 0, 12, 0.1, 5.0), ds.warp_params(0, 0, 12, 1.3, 10.0)
-    view[keep], warp[keep] = 0.0, (1.0, 0.0, 0.0, 0.0)
+    view[keep], warp[keep] = ds.VIEW_IDENTITY, ds.WARP_IDENTITY
     out, _ = ds.view_warp_batch(batch, view, 8)
     out, _ = ds.warp_batch(out, warp, 8)
     for key in ('images', 'depth', 'labels', 'label_mask', 'T', 'K'):
@@ -409,8 +409,8 @@ def test_kept_frames_skip_the_augmentation_exactly(tiny_scene):
         if key in ('images', 'depth', 'T'):
             assert not any(same[k] for k in np.flatnonzero(~keep)), key
     # Training warps only the frames it moves (augment_moved): the whole batch comes out as above, bit for bit.
-    sub, N_view = ds.augment_moved(ds.view_warp_batch, batch, view, 8, (0.0,) * 6)
-    sub, _ = ds.augment_moved(ds.warp_batch, sub, warp, 8, (1.0, 0.0, 0.0, 0.0))
+    sub, N_view = ds.augment_moved(ds.view_warp_batch, batch, view, 8, ds.VIEW_IDENTITY)
+    sub, _ = ds.augment_moved(ds.warp_batch, sub, warp, 8, ds.WARP_IDENTITY)
     assert sub.keys() == out.keys()
     for key in out:
         assert sub[key].dtype == out[key].dtype and torch.equal(sub[key].nan_to_num(), out[key].nan_to_num()), key

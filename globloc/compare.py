@@ -5,8 +5,8 @@
 
 Rows (METHOD.md section 6):
 - globloc: this method (scene coordinates + depth + weights, one-shot Horn alignment, relative constraints);
-- globloc --no-relative: the ablation, same steps;                 both over --seeds seeds (0, 1, ...);
-- posenet: direct pose regression on the same backbone, same data and steps (seed 0);
+- globloc --no-relative: the ablation, same steps;
+- posenet: direct pose regression on the same backbone, same data and steps;  all three over --seeds seeds (0, 1, ...);
 - globloc + PnP: the same globloc networks' scene coordinates through cv2.solvePnPRansac instead of the alignment;
 - with --map: the globloc and ablation networks again, each pose refined against that place map (`globloc map`),
   as the node does with place_map.
@@ -43,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--bags', nargs='+', required=True, help='training bags')
     p.add_argument('--test-bags', nargs='+', required=True, help='held-out bags to evaluate on')
     p.add_argument('--steps', type=int, default=5000, help='training steps of every model (default 5000)')
-    p.add_argument('--seeds', type=int, default=3, help='seeds for globloc and the ablation (default 3)')
+    p.add_argument('--seeds', type=int, default=3, help='seeds of every trained row (default 3)')
     p.add_argument('--out', required=True, help='output folder')
     p.add_argument('--split', default='all',
                    help="test split: 'all' or 'every:K' (needed when a test bag is also a training bag: the models "
@@ -117,9 +117,8 @@ def compare(a: argparse.Namespace) -> dict:
     rows, curves = [], {}
     trained: dict[tuple[str, int], tuple[Path, float]] = {}
     for name, label, method, extra, refine in plan:
-        seeds = range(1) if name == 'posenet' else range(a.seeds)
         runs = []
-        for seed in seeds:
+        for seed in range(a.seeds):
             if extra is not None:
                 trained[(name, seed)] = _train_once(a, name, seed, holdout, **extra)
             model, train_s = trained[(name, seed)]

@@ -6,7 +6,7 @@
 Rows (METHOD.md section 6):
 - globloc: this method (scene coordinates + depth + weights, one-shot Horn alignment, relative constraints);
 - globloc --no-relative: the ablation, same steps;
-- posenet: direct pose regression on the same backbone, same data and steps;  all three over --seeds seeds (0, 1, ...);
+- posenet: direct pose regression on the same backbone, same data and steps; all three over --seeds seeds (0, 1, ...);
 - globloc + PnP: the same globloc networks' scene coordinates through cv2.solvePnPRansac instead of the alignment;
 - with --map: the globloc and ablation networks again, each pose refined against that place map (`globloc map`),
   as the node does with place_map.

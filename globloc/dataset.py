@@ -382,11 +382,11 @@ def augment_moved(augment, batch: dict, params: np.ndarray, stride: int,
     cost nothing. Returns the batch and T_new_old (B, 4, 4), the identity for frames not moved."""
     B, device = batch['images'].shape[0], batch['K'].device
     idx = np.flatnonzero((params != np.asarray(identity)).any(1))
+    if len(idx) == B:
+        return augment(batch, params, stride)
     N = torch.eye(4, dtype=batch['K'].dtype, device=device).repeat(B, 1, 1)
     if len(idx) == 0:
         return batch, N
-    if len(idx) == B:
-        return augment(batch, params, stride)
     moved = torch.from_numpy(idx).to(device)
     sub, N[moved] = augment({k: v[moved] for k, v in batch.items()}, params[idx], stride)
     out = {}

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from globloc_ros import align as _align
-from globloc_ros.frames import backproject, cell_centres, depth_at_cells, scale_intrinsics
+from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, scale_intrinsics
 from globloc_ros.net import with_measured_depth
 from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, refine
 
@@ -272,7 +272,8 @@ def preprocess_depth(depth: np.ndarray | None, image_shape: tuple[int, ...], inp
     centres of the resized image (input_size (W', H')), 0 where not measured, and the measured fraction of cells.
 
     depth (H, W) float metres registered to the image of shape image_shape; 0, negative, NaN and inf are
-    'not measured'. Cells straddling a depth edge are not measured either (frames.depth_at_cells). None: zeros.
+    'not measured'. Each cell takes a noise-robust median of the pixels about its centre; cells with too few of
+    them or straddling a depth edge are not measured either (frames.measured_depth_at_cells). None: zeros.
     """
     W, H = input_size
     h, w = H // stride, W // stride
@@ -280,7 +281,7 @@ def preprocess_depth(depth: np.ndarray | None, image_shape: tuple[int, ...], inp
         return torch.zeros(1, 1, h, w, device=device), 0.0
     check_depth(depth, image_shape)
     d = np.where(np.isfinite(depth) & (depth > 0), depth, np.nan).astype(np.float32)
-    cells = depth_at_cells(d, W / d.shape[1], H / d.shape[0], h, w, stride)
+    cells = measured_depth_at_cells(d, W / d.shape[1], H / d.shape[0], h, w, stride)
     measured = np.isfinite(cells)
     cells = np.where(measured, cells, 0.0).astype(np.float32)
     return torch.from_numpy(cells)[None, None].to(device), float(measured.mean())

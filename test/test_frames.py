@@ -50,3 +50,28 @@ def test_pose_errors_and_inverse():
     T2[:3, 3] += [0.03, 0.04, 0]
     assert frames.pose_errors(T2, T)[0] == pytest.approx(0.05)
     assert frames.pose_errors(T, np.eye(4))[1] == pytest.approx(np.degrees(0.6))
+
+
+def test_measured_depth_at_cells_averages_sensor_noise_and_drops_edges_and_holes():
+    # A slanted plane 2-4 m away at 320x240, sampled for a 128x96 input (stride 8: 16x12 cells).
+    h0, w0, h, w, stride = 240, 320, 12, 16, 8
+    sx, sy = 128 / w0, 96 / h0
+    plane = np.broadcast_to(2.0 + np.linspace(0, 2, w0, dtype=np.float32), (h0, w0)).copy()
+    truth = frames.depth_at_cells(plane, sx, sy, h, w, stride)
+    assert np.abs(frames.measured_depth_at_cells(plane, sx, sy, h, w, stride) - truth).max() < 1e-3
+    # Kinect-like noise (1 % of z + 2.85 mm z^2): four bilinear pixels lose cells to the edge test and are off by
+    # twice as much where they keep them; the window median keeps every cell.
+    rng = np.random.default_rng(0)
+    noisy = plane + rng.standard_normal(plane.shape).astype(np.float32) * (0.01 * plane + 0.00285 * plane ** 2)
+    robust = frames.measured_depth_at_cells(noisy, sx, sy, h, w, stride)
+    bilinear = frames.depth_at_cells(noisy, sx, sy, h, w, stride)
+    assert np.isfinite(robust).all() and np.isnan(bilinear).mean() > 0.1
+    assert np.median(np.abs(robust - truth)) * 2 < np.nanmedian(np.abs(bilinear - truth))
+    # A depth edge through a cell's window, and a cell whose window is mostly holes: not measured.
+    step = plane.copy()
+    step[:, 30:] += 1.0  # cell column 1 is centred at pixel 29.5
+    holes = plane.copy()
+    holes[:20, :20] = np.nan  # the whole window of cell (0, 0)
+    assert np.isnan(frames.measured_depth_at_cells(step, sx, sy, h, w, stride)[:, 1]).all()
+    assert np.isnan(frames.measured_depth_at_cells(holes, sx, sy, h, w, stride)[0, 0])
+    assert np.isfinite(frames.measured_depth_at_cells(holes, sx, sy, h, w, stride)[1:, 1:]).all()

@@ -108,6 +108,15 @@ def backproject(depth: torch.Tensor, uv: torch.Tensor, K: torch.Tensor) -> torch
     return torch.stack([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=-1)
 
 
+def _cell_centres_in_recorded(sx: float, sy: float, h: int, w: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cell centres of an (h, w) stride-s grid on an input image resized by (sx, sy) from the recorded one, in
+    recorded pixels: u (w,), v (h,). Cell (i, j) sits at input pixel (s j + (s-1)/2, s i + (s-1)/2), i.e. at
+    recorded pixel ((u + 0.5)/sx - 0.5, ...)."""
+    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
+    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
+    return u, v
+
+
 def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stride: int) -> np.ndarray:
     """Recorded depth (h0, w0) metres (NaN invalid) -> (h, w) at the input image's cell centres.
 
@@ -116,8 +125,7 @@ def depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: int, stri
     stride 1 gives the depth at every input pixel.
     """
     h0, w0 = depth.shape
-    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
-    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
+    u, v = _cell_centres_in_recorded(sx, sy, h, w, stride)
     u = np.clip(u, 0, w0 - 1)
     v = np.clip(v, 0, h0 - 1)
     u0 = np.minimum(np.floor(u).astype(int), w0 - 2) if w0 > 1 else np.zeros(w, int)
@@ -144,8 +152,7 @@ def measured_depth_at_cells(depth: np.ndarray, sx: float, sy: float, h: int, w: 
     """
     h0, w0 = depth.shape
     r = max(1, round(stride / (6 * min(sx, sy))))  # half-width in recorded pixels: window 2r x 2r
-    u = (np.arange(w) * stride + (stride - 1) / 2 + 0.5) / sx - 0.5
-    v = (np.arange(h) * stride + (stride - 1) / 2 + 0.5) / sy - 0.5
+    u, v = _cell_centres_in_recorded(sx, sy, h, w, stride)
     off = np.arange(-r + 1, r + 1)  # pixels floor(c) - r + 1 .. floor(c) + r: centred on c + 0.5 - frac(c)
     uu = np.clip(np.floor(u).astype(int)[:, None] + off, 0, w0 - 1)  # (w, 2r)
     vv = np.clip(np.floor(v).astype(int)[:, None] + off, 0, h0 - 1)  # (h, 2r)

@@ -10,9 +10,10 @@ whose definitions of the contract's standard messages equal Humble's, plus our
 Frames are built around the images: each image is matched by header stamp (within `tolerance_ns`) to a
 pose, a CameraInfo (or the only one, if latched once), and optionally depth and landmarks. Nothing is
 interpolated; images without a pose or calibration are dropped and counted per reason in the
-`ReadReport`. A message that cannot be decoded skips its frame (counted, with a message naming file,
-topic and stamp); a contract violation that would affect every frame (missing topic, unknown encoding,
-size disagreeing with CameraInfo, lens distortion) raises `BagError`. A truncated MCAP file keeps the
+`ReadReport`. A message that cannot be decoded, an image or depth encoding globloc_ros.imgmsg does not
+convert included, skips its frame (counted, with a message naming file, topic and stamp); a contract
+violation that would affect every frame (missing topic, size disagreeing with CameraInfo, lens distortion)
+raises `BagError`, and so does a bag none of whose frames can be read. A truncated MCAP file keeps the
 messages before the cut.
 
 Conventions are those of `globloc_ros.frames`: T_map_cam of the OpenCV optical frame, metres,
@@ -295,32 +296,21 @@ class _Messages:
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _decode_image(msg, msgtype: str, where: str) -> np.ndarray:
-    """Image or CompressedImage -> (H, W, 3) uint8 RGB (writable) with globloc_ros.imgmsg.
-
-    An encoding outside the contract raises BagError (every frame would fail); undecodable data raises
-    ValueError (this frame is corrupt).
-    """
-    if msgtype.endswith('CompressedImage'):
-        if not any(f in str(msg.format).lower() for f in imgmsg.COMPRESSED_FORMATS):
-            raise BagError(f'{where}: unknown CompressedImage format {msg.format!r} (expected jpeg or png)')
-        decode = imgmsg.compressed_to_rgb
-    else:
-        if msg.encoding not in imgmsg.IMAGE_ENCODINGS:
-            raise BagError(f'{where}: unknown image encoding {msg.encoding!r} '
-                           f'(expected one of {", ".join(imgmsg.IMAGE_ENCODINGS)})')
-        decode = imgmsg.image_to_rgb
+def _decode_image(msg, where: str) -> np.ndarray:
+    """Image (any encoding imgmsg converts) or CompressedImage -> (H, W, 3) uint8 RGB, writable and contiguous,
+    with globloc_ros.imgmsg.to_rgb, the node's conversion. Raises ValueError naming `where` for a frame that
+    cannot be decoded (an unsupported encoding included): the caller skips and reports that frame."""
     try:
-        rgb = decode(msg)
+        rgb = imgmsg.to_rgb(msg)
     except ValueError as e:
         raise ValueError(f'{where}: {e}') from e
-    return rgb if rgb.flags.writeable else rgb.copy()  # rgb8 comes back as a view of the message buffer
+    # rgb8 comes back as a view of the message buffer
+    return rgb if rgb.flags.writeable and rgb.flags.c_contiguous else rgb.copy()
 
 
 def decode_depth(msg, where: str) -> np.ndarray:
-    """Image 32FC1 (metres) or 16UC1 (millimetres) -> (H, W) float32 metres, NaN where 0, NaN or inf."""
-    if msg.encoding not in DEPTH_ENCODINGS:
-        raise BagError(f'{where}: unknown depth encoding {msg.encoding!r} (expected one of {DEPTH_ENCODINGS})')
+    """Image 32FC1 (metres) or 16UC1 (millimetres), or a compressedDepth CompressedImage -> (H, W) float32
+    metres, NaN where 0, NaN or inf. Raises ValueError naming `where` (the frame is skipped)."""
     try:
         return imgmsg.depth_to_metres(msg)
     except ValueError as e:
@@ -551,7 +541,7 @@ def read_sequence(path, seq: int = 0, topics: Topics = Topics(), size: tuple[int
                 unmatched[f'no {topics.camera_info} within {tolerance_ns / 1e6:g} ms'] += 1
                 continue
             try:
-                image = _decode_image(img_msg, present[image_topic], where)
+                image = _decode_image(img_msg, where)
                 pose = pose_msg.pose.pose if present[pose_topic].endswith('Odometry') else pose_msg.pose
                 T = _pose_of(pose, f'{path}: {pose_topic} at stamp {_fmt_stamp(_stamp(pose_msg.header.stamp))}')
                 depth = landmarks = None

@@ -399,17 +399,96 @@ def broken(tiny_scene, tmp_path, topic, change):
     return rewrite(seq0(tiny_scene), tmp_path / 'broken', edit), bags._fmt_stamp(stamp)
 
 
-def test_unknown_image_encoding(tiny_scene, tmp_path):
-    path, stamp = broken(tiny_scene, tmp_path, '/camera/image_raw', lambda m: setattr(m, 'encoding', 'yuv422'))
-    with pytest.raises(BagError, match=rf"broken: /camera/image_raw at stamp {stamp}: unknown image encoding "
-                                       rf"'yuv422'"):
+def test_unsupported_and_corrupt_frames_are_skipped_and_the_rest_read(tiny_scene, tmp_path):
+    """One bad frame never ends reading a training bag: it is reported (file, topic, stamp, why) and skipped."""
+    good = bags.read_sequence(seq0(tiny_scene), progress=False)
+    stamps = [f.stamp_ns for f in good.frames]
+    bad = {stamps[2]: ('/camera/image_raw', 'nv21'), stamps[5]: ('/camera/image_raw', 'truncated'),
+           stamps[9]: ('/camera/depth/image_raw', '8UC1')}
+
+    def edit(topic, msg, t):
+        if t in bad and topic == bad[t][0]:
+            if bad[t][1] == 'truncated':
+                msg.data = msg.data[:-7]
+            else:
+                msg.encoding = bad[t][1]
+        return msg
+
+    with pytest.warns(UserWarning, match=r'bad: /camera/(image_raw|depth/image_raw) at stamp'):
+        seq = bags.read_sequence(rewrite(seq0(tiny_scene), tmp_path / 'bad', edit), progress=False)
+    assert [f.stamp_ns for f in seq.frames] == [s for s in stamps if s not in bad]
+    assert len(seq.report.corrupt) == 3
+    for line, (stamp, (topic, why)) in zip(seq.report.corrupt, sorted(bad.items())):
+        assert f'bad: {topic} at stamp {bags._fmt_stamp(stamp)}: ' in line and '\n' not in line
+    assert "Image.encoding 'nv21' is not supported" in seq.report.corrupt[0]
+    assert 'Image.data has' in seq.report.corrupt[1]
+    assert "Image.encoding '8UC1' is not a depth encoding" in seq.report.corrupt[2]
+    np.testing.assert_array_equal(seq.frames[3].image, good.frames[4].image)
+
+
+def test_every_frame_unsupported_is_a_clear_error(tiny_scene, tmp_path):
+    path = rewrite(seq0(tiny_scene), tmp_path / 'nv21',
+                   lambda t, m, s: _set(m, encoding='nv21') if t == '/camera/image_raw' else m)
+    with pytest.warns(UserWarning), pytest.raises(BagError, match=r"nv21: no readable frames .*Image\.encoding 'nv21'"):
         bags.read_sequence(path, progress=False)
 
 
-def test_unknown_depth_encoding(tiny_scene, tmp_path):
-    path, stamp = broken(tiny_scene, tmp_path, '/camera/depth/image_raw', lambda m: setattr(m, 'encoding', '8UC1'))
-    with pytest.raises(BagError, match=rf"/camera/depth/image_raw at stamp {stamp}: unknown depth encoding"):
-        bags.read_sequence(path, progress=False)
+def _set(msg, **fields):
+    for k, v in fields.items():
+        setattr(msg, k, v)
+    return msg
+
+
+def _reencode(msg, encoding: str, pad: int = 0, bigendian: int = 0):
+    """An rgb8 rosbags Image re-encoded without loss as bgra8, rgba8, 8UC3 or bgr16, rows padded by `pad`."""
+    h, w = msg.height, msg.width
+    rgb = np.asarray(msg.data, np.uint8).reshape(h, w, 3)
+    alpha = np.full((h, w, 1), 255, np.uint8)
+    pixels = {'bgra8': np.concatenate([rgb[:, :, ::-1], alpha], 2), 'rgba8': np.concatenate([rgb, alpha], 2),
+              '8UC3': rgb[:, :, ::-1], 'bgr16': rgb[:, :, ::-1].astype(np.uint16) * 257}[encoding]
+    rows = pixels.astype(pixels.dtype.newbyteorder('>' if bigendian else '<')).reshape(h, -1).view(np.uint8)
+    rows = np.hstack([rows, np.zeros((h, pad), np.uint8)])
+    return _set(msg, encoding=encoding, step=rows.shape[1], is_bigendian=bigendian, data=rows.reshape(-1))
+
+
+def test_cv_bridge_encodings_read_like_rgb8(tiny_scene, tmp_path):
+    """The bag reader decodes with the node's conversion: lossless re-encodings give the same frames."""
+    good = bags.read_sequence(seq0(tiny_scene), progress=False, max_frames=8)
+    forms = [('bgra8', 0, 0), ('rgba8', 3, 0), ('8UC3', 0, 0), ('bgr16', 4, 1), ('bgr16', 0, 0)]
+    stamps = {f.stamp_ns: forms[i % len(forms)] for i, f in enumerate(good.frames)}
+
+    def edit(topic, msg, t):
+        return _reencode(msg, *stamps[t]) if topic == '/camera/image_raw' and t in stamps else msg
+
+    seq = bags.read_sequence(rewrite(seq0(tiny_scene), tmp_path / 'enc', edit), progress=False, max_frames=8)
+    assert not seq.report.corrupt and len(seq.frames) == 8
+    for a, b in zip(good.frames, seq.frames):
+        np.testing.assert_array_equal(b.image, a.image)
+        assert b.image.flags.writeable and b.image.flags.c_contiguous
+
+
+def test_compressed_depth_topic(tmp_path):
+    """Depth recorded through compressed_depth_image_transport (16UC1 png after its 12-byte header) reads as mm."""
+    import cv2
+
+    frames = make_frames(3)
+    bags.write_sequence(tmp_path / 'raw', frames, depth_encoding='16UC1')
+    CompressedImage = bags.typestore().types['sensor_msgs/msg/CompressedImage']
+
+    def edit(topic, msg, t):
+        if topic != '/camera/depth/image_raw':
+            return msg
+        mm = np.asarray(msg.data, np.uint8).view('<u2').reshape(msg.height, msg.width)
+        data = bytes(12) + cv2.imencode('.png', mm)[1].tobytes()
+        return CompressedImage(header=msg.header, format='16UC1; compressedDepth png',
+                               data=np.frombuffer(data, np.uint8))
+
+    seq = bags.read_sequence(rewrite(tmp_path / 'raw', tmp_path / 'cd', edit), label_fraction=0.01, progress=False)
+    assert not seq.report.corrupt and len(seq.frames) == 3
+    for a, b in zip(frames, seq.frames):
+        valid = np.isfinite(a.depth)
+        np.testing.assert_array_equal(np.isfinite(b.depth), valid)
+        assert np.abs(b.depth[valid] - a.depth[valid]).max() <= 0.0005 + 1e-6  # millimetre rounding
 
 
 def test_image_size_disagrees_with_camera_info(tiny_scene, tmp_path):

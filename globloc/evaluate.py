@@ -154,7 +154,8 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
     for regression models): medians over frames of the per-cell |depth - recorded depth| (m) and
     ||scene coordinate - recorded point|| (m, the recorded depth back-projected with the ground-truth pose), and
     the median pose error when the recorded depth replaces the depth head in the same weighted alignment (what
-    the depth head costs; cells without recorded depth keep the head's, as in the Localizer with a depth image)."""
+    the depth head costs; the recorded depth sampled at the cells as the Localizer samples a depth image,
+    frames.measured_depth_at_cells, and cells without it keep the head's)."""
     net, _ = bl.load_any_model(model_path)
     if bl.model_arch(net.config) != 'globloc':
         return None
@@ -169,7 +170,7 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
         with torch.inference_mode():
             _, scene, depth, logits = net.heads(x, Kt)
         h, w = scene.shape[2:]
-        d_rec = torch.from_numpy(fr.depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
+        d_rec = torch.from_numpy(fr.measured_depth_at_cells(f.depth, sx, sy, h, w, stride)).float().reshape(1, -1)
         valid = torch.isfinite(d_rec[0])
         if valid.sum() < 10:
             continue

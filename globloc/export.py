@@ -38,7 +38,8 @@ import torch
 
 from globloc_ros import runtime as rt
 from globloc_ros.frames import rotation_error_deg
-from globloc_ros.modelfile import atomic_write, load_model
+from globloc_ros.atomic import atomic_write
+from globloc_ros.modelfile import load_model
 from globloc_ros.net import PoseGraph
 
 OPSET = 17

@@ -15,7 +15,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from globloc_ros.modelfile import atomic_write
+from globloc_ros.atomic import atomic_write
 from globloc_ros.runtime import default_cache_dir, file_sha256
 
 NAME = 'mobilenet_v2-b0353104.pth'

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -31,10 +33,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from globloc_ros.frames import rotation_error_deg, scale_intrinsics
-from globloc_ros.modelfile import atomic_write
+from globloc_ros.atomic import atomic_write
 
 MAP_FORMAT = 'globloc-place-map'
-MAP_VERSION = 1
+MAP_VERSION = 2  # 2: keyframes and their bag-of-words vectors (global recovery); version 1 maps still load
 # Building. Surfaces: voxel (m). Features: ORB features per recorded frame, and one descriptor per point of the place
 # (2 cm voxel): 3 were 10 % more accurate and 1.8x slower to match.
 VOXEL_M = 0.02
@@ -66,8 +68,21 @@ MAX_FEATURE_CORRECTION = (0.5, 15.0)  # monocular one-shot poses are decimetres 
 # and rotation std <= 1 deg. In 160x120 views of walls 2-3 m away, PnP poses 6-30 cm off came with position stds of
 # 3.4-21 cm, right ones with 3.2 cm and less.
 MAX_RELATIVE_STD, MAX_ROTATION_STD_DEG = 0.01, 1.0
+# Global recovery, when the refinement near a pose is refused or there is no pose to start from: the map's keyframes
+# (a recorded frame kept when KEYFRAME_STEP metres or degrees from the last one) each have a bag-of-words vector over
+# a VOCABULARY_WORDS-word ORB vocabulary learnt from the map's own descriptors (tf-idf, L2-normalised). A frame's
+# vector retrieves the RECOVERY_CANDIDATES keyframes that see what it sees; its features are matched to the map
+# features those keyframes see, PnP-RANSAC gives a pose, and refine_features (then ICP with depth) from that pose
+# decides, with the same covariance test as any refinement.
+KEYFRAME_STEP = (0.1, 10.0)
+VOCABULARY_WORDS, VOCABULARY_SAMPLE = 512, 40_000
+RECOVERY_CANDIDATES = 5
+RECOVERY_RANSAC_ITERATIONS = 1000
 # Result covariance order (x, y, z, roll, pitch, yaw) from the refinement parameters (rotation (3), translation (3)).
 _TO_ROS = np.array([3, 4, 5, 0, 1, 2])
+
+
+KEYFRAME_ARRAYS = ('keyframe_poses', 'keyframe_K', 'keyframe_size', 'keyframe_bow', 'vocabulary', 'idf')
 
 
 class MapError(RuntimeError):
@@ -88,6 +103,9 @@ class PlaceMap:
     """Surfaces: points, normals (N, 3) float32, voxel centroids in the map frame (metres) and unit normals.
     voxel: their averaging voxel (m).
     Features: feature_points (M, 3) float32 map frame (metres) and descriptors (M, 32) uint8 (ORB).
+    Keyframes (global recovery; empty in maps from before version 2): keyframe_poses (F, 4, 4) float32 T_map_cam,
+    keyframe_K (F, 3, 3) float32, keyframe_size (F, 2) int32 (W, H) pixels, keyframe_bow (F, V) float16 unit
+    tf-idf vectors over vocabulary (V, 32) uint8 ORB word centres with idf (V,) float32.
     meta: where it came from (bags, frames)."""
     points: np.ndarray
     normals: np.ndarray
@@ -95,6 +113,12 @@ class PlaceMap:
     feature_points: np.ndarray
     descriptors: np.ndarray
     meta: dict = field(default_factory=dict)
+    keyframe_poses: np.ndarray = field(default_factory=lambda: np.zeros((0, 4, 4), np.float32))
+    keyframe_K: np.ndarray = field(default_factory=lambda: np.zeros((0, 3, 3), np.float32))
+    keyframe_size: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int32))
+    keyframe_bow: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))
+    vocabulary: np.ndarray = field(default_factory=lambda: np.zeros((0, 32), np.uint8))
+    idf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
     @cached_property
     def tree(self) -> cKDTree:
@@ -155,13 +179,23 @@ def orb(n_features: int) -> cv2.ORB:
     return cv2.ORB_create(nfeatures=n_features, fastThreshold=10)
 
 
-def frame_features(view: View, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarray]:
-    """ORB features of one recorded frame with recorded depth, as (map-frame points (m, 3), descriptors (m, 32)):
-    those whose depth is measured and smooth around them (not on a depth edge)."""
-    kps, des = detector.detectAndCompute(cv2.cvtColor(view.image, cv2.COLOR_RGB2GRAY), None)
+def detect(image: np.ndarray, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarray]:
+    """ORB features of an (H, W, 3) uint8 RGB image, strongest first: (uv (n, 2) pixels, descriptors (n, 32) uint8)."""
+    kps, des = detector.detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
     if des is None:
+        return np.zeros((0, 2)), np.zeros((0, 32), np.uint8)
+    strong = np.argsort([-k.response for k in kps], kind='stable')
+    return np.array([kps[i].pt for i in strong]).reshape(-1, 2), des[strong]
+
+
+def frame_features(view: View, detector: cv2.ORB,
+                   features: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ORB features of one recorded frame with recorded depth, as (map-frame points (m, 3), descriptors (m, 32)):
+    those whose depth is measured and smooth around them (not on a depth edge). features: detect()'s output for
+    view.image where already computed."""
+    uv, des = detect(view.image, detector) if features is None else features
+    if not len(des):
         return np.zeros((0, 3)), np.zeros((0, 32), np.uint8)
-    uv = np.array([k.pt for k in kps])
     u, v = np.round(uv).astype(int).T
     d = np.asarray(view.depth, np.float64)
     patch = np.stack([d[np.clip(v + dv, 0, d.shape[0] - 1), np.clip(u + du, 0, d.shape[1] - 1)]
@@ -173,15 +207,17 @@ def frame_features(view: View, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarra
     return X @ view.T_map_cam[:3, :3].T + view.T_map_cam[:3, 3], des[ok]
 
 
-def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
-                         ) -> tuple[np.ndarray, np.ndarray]:
+def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                         with_sources: bool = False) -> tuple[np.ndarray, ...]:
     """Features of frames without depth, with the poses known: views [(uv (n, 2), descriptors (n, 32), K (3, 3),
     T_map_cam (4, 4))] -> (map-frame points (m, 3), descriptors (m, 32)), each point once per frame it was matched in.
+    with_sources: a third array (m, 2) int64, the (view, feature) index of each row, i.e. which pixel sees the point
+    (training labels need it).
     Pairs: each frame with the PAIR_NEIGHBOURS farthest (camera centres) whose optical axes differ by at most
     PAIR_MAX_ANGLE_DEG; matches: Hamming nearest neighbour with the ratio test."""
-    points, descriptors = [np.zeros((0, 3))], [np.zeros((0, 32), np.uint8)]
+    points, descriptors, sources = [np.zeros((0, 3))], [np.zeros((0, 32), np.uint8)], [np.zeros((0, 2), np.int64)]
     if len(views) < 2:
-        return points[0], descriptors[0]
+        return (points[0], descriptors[0], sources[0])[:3 if with_sources else 2]
     centres = np.array([T[:3, 3] for *_, T in views])
     axes = np.array([T[:3, 2] for *_, T in views])
     baseline = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
@@ -215,7 +251,9 @@ def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
             ok &= cos <= np.cos(np.radians(MIN_PARALLAX_DEG))
         points += [X[ok], X[ok]]
         descriptors += [des_i[a[ok]], des_j[b[ok]]]
-    return np.concatenate(points), np.concatenate(descriptors)
+        sources += [np.column_stack([np.full(ok.sum(), i), a[ok]]), np.column_stack([np.full(ok.sum(), j), b[ok]])]
+    out = np.concatenate(points), np.concatenate(descriptors), np.concatenate(sources).astype(np.int64)
+    return out if with_sources else out[:2]
 
 
 def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int = MAP_FEATURES,
@@ -243,15 +281,17 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
         return k, out
 
     without_depth = []  # (uv, descriptors, K, T_map_cam) to triangulate
+    keyframes = []  # (T_map_cam, K, (W, H), descriptors)
     for view in views:
+        uv, des = detect(view.image, detector) if n_features else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
+        if len(des) and (not keyframes or _moved(keyframes[-1][0], view.T_map_cam, KEYFRAME_STEP)):
+            keyframes.append((view.T_map_cam, view.K, view.image.shape[1::-1], des))
         if view.depth is None:
-            if n_features:
-                kps, des = detector.detectAndCompute(cv2.cvtColor(view.image, cv2.COLOR_RGB2GRAY), None)
-                if des is not None:
-                    without_depth.append((np.array([k.pt for k in kps]), des, view.K, view.T_map_cam))
+            if len(des):
+                without_depth.append((uv, des, view.K, view.T_map_cam))
             continue
         if n_features:
-            X, des = frame_features(view, detector)
+            X, des = frame_features(view, detector, (uv, des))
             feature_points.append(X)
             descriptors.append(des)
         X = depth_points(view.depth, view.K, stride)
@@ -281,10 +321,68 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     consistent = norm[:, 0] > 0.5 * sums[:, 6]  # views of the voxel agree on which way the surface faces
     points = (sums[:, :3] / sums[:, 6:])[consistent]
     normals = (normals / np.maximum(norm, 1e-12))[consistent]
+    vocabulary = learn_vocabulary([d for *_, d in keyframes])
+    idf = np.zeros(len(vocabulary), np.float32)
+    if len(vocabulary):
+        seen = np.zeros(len(vocabulary))
+        for *_, d in keyframes:
+            seen[np.unique(assign_words(d, vocabulary))] += 1
+        idf = np.log(len(keyframes) / (1.0 + seen)).clip(0).astype(np.float32)
+    bow = np.stack([bow_vector(d, vocabulary, idf) for *_, d in keyframes]) if len(vocabulary) else None
     return PlaceMap(points.astype(np.float32), normals.astype(np.float32), float(voxel),
                     feature_points.astype(np.float32), descriptors.astype(np.uint8),
                     dict(meta or {}, voxels=int(consistent.sum()), observations=int(sums[:, 6].sum()),
-                         features=len(feature_points)))
+                         features=len(feature_points), keyframes=len(keyframes)),
+                    **({} if bow is None else dict(
+                        keyframe_poses=np.stack([T for T, *_ in keyframes]).astype(np.float32),
+                        keyframe_K=np.stack([K for _, K, *_ in keyframes]).astype(np.float32),
+                        keyframe_size=np.array([wh for *_, wh, _ in keyframes], np.int32),
+                        keyframe_bow=bow.astype(np.float16), vocabulary=vocabulary, idf=idf)))
+
+
+def _moved(T0: np.ndarray, T1: np.ndarray, step: tuple[float, float]) -> bool:
+    """Whether camera poses T0, T1 (4, 4) are at least step = (metres, degrees) apart in position or rotation."""
+    return bool(np.linalg.norm(T1[:3, 3] - T0[:3, 3]) >= step[0] or rotation_error_deg(T1[:3, :3], T0[:3, :3]) >= step[1])
+
+
+def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ORB descriptors a (n, 32), b (m, 32) uint8 -> (n, m) int32 Hamming distances."""
+    a64, b64 = np.ascontiguousarray(a).view(np.uint64), np.ascontiguousarray(b).view(np.uint64)
+    return np.bitwise_count(a64[:, None, :] ^ b64[None]).sum(-1, dtype=np.int32)
+
+
+def learn_vocabulary(descriptors: list[np.ndarray], words: int = VOCABULARY_WORDS,
+                     sample: int = VOCABULARY_SAMPLE) -> np.ndarray:
+    """A flat ORB vocabulary: k-means (Euclidean on the 256 bits, i.e. Hamming) of at most `sample` of the
+    descriptors [(n_i, 32) uint8], centres rounded to bits -> (V, 32) uint8, V <= words; (0, 32) when there are
+    fewer descriptors than 2 words' worth. Seeded: the same descriptors give the same vocabulary."""
+    d = np.concatenate([np.zeros((0, 32), np.uint8), *descriptors])
+    words = min(words, len(d) // 4)
+    if words < 2:
+        return np.zeros((0, 32), np.uint8)
+    rng = np.random.default_rng(0)
+    if len(d) > sample:
+        d = d[rng.choice(len(d), sample, replace=False)]
+    bits = np.unpackbits(d, axis=1).astype(np.float32)
+    cv2.setRNGSeed(0)
+    _, _, centres = cv2.kmeans(bits, words, None, (cv2.TERM_CRITERIA_EPS + cv2.TERM_CRITERIA_MAX_ITER, 8, 0.5),
+                               1, cv2.KMEANS_PP_CENTERS)
+    return np.unique(np.packbits(centres > 0.5, axis=1), axis=0)
+
+
+def assign_words(descriptors: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
+    """(n, 32) uint8 descriptors -> (n,) index of the nearest word (Hamming)."""
+    if not len(descriptors):
+        return np.zeros(0, int)
+    return np.concatenate([_hamming(c, vocabulary).argmin(1) for c in np.array_split(
+        descriptors, max(1, len(descriptors) // 512))])
+
+
+def bow_vector(descriptors: np.ndarray, vocabulary: np.ndarray, idf: np.ndarray) -> np.ndarray:
+    """An image's (n, 32) descriptors -> (V,) float32 tf-idf bag-of-words vector of unit length (zeros if empty)."""
+    v = np.bincount(assign_words(descriptors, vocabulary), minlength=len(vocabulary)).astype(np.float32) * idf
+    n = np.linalg.norm(v)
+    return v / n if n > 0 else v
 
 
 def _voxel_keys(P: np.ndarray, voxel: float) -> np.ndarray:
@@ -296,11 +394,12 @@ def _voxel_keys(P: np.ndarray, voxel: float) -> np.ndarray:
 
 
 def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
-    """Write an .npz atomically (modelfile.atomic_write)."""
+    """Write an .npz atomically (atomic.atomic_write)."""
     header = json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION, 'voxel': place.voxel, 'meta': place.meta})
     atomic_write(path, lambda f: np.savez_compressed(
         f, points=place.points, normals=place.normals.astype(np.float16), feature_points=place.feature_points,
-        descriptors=place.descriptors, header=header))
+        descriptors=place.descriptors, header=header,
+        **{k: getattr(place, k) for k in KEYFRAME_ARRAYS}))
 
 
 def load_map(path: str | os.PathLike) -> PlaceMap:
@@ -312,11 +411,13 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(str(z['header']))
             arrays = {k: z[k] for k in ('points', 'normals', 'feature_points', 'descriptors')}
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise MapError(f'{path}: not a globloc map file ({e})') from e
+            keyframes = {k: z[k] for k in KEYFRAME_ARRAYS if header.get('version') == MAP_VERSION}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        # A truncated or corrupt file: BadZipFile, EOFError or zlib.error from the zip; ValueError from the arrays
+        raise MapError(f'{path}: not a readable globloc map file ({type(e).__name__}: {e})') from e
     if header.get('format') != MAP_FORMAT:
         raise MapError(f'{path}: format {header.get("format")!r} is not {MAP_FORMAT!r}')
-    if header.get('version') != MAP_VERSION:
+    if header.get('version') not in (1, MAP_VERSION):
         raise MapError(f'{path}: map version {header.get("version")} is not {MAP_VERSION}; rebuild it with '
                        '`globloc map`')
     P, N, F, D = (arrays[k] for k in ('points', 'normals', 'feature_points', 'descriptors'))
@@ -326,8 +427,15 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
                        f'{D.shape} {D.dtype}: expected (N, 3), (N, 3), (M, 3), (M, 32) uint8')
     if not (np.isfinite(P).all() and np.isfinite(N).all() and np.isfinite(F).all()):
         raise MapError(f'{path}: points, normals or feature points are not finite')
+    if keyframes:
+        n, v = len(keyframes['keyframe_poses']), len(keyframes['vocabulary'])
+        want = dict(keyframe_poses=(n, 4, 4), keyframe_K=(n, 3, 3), keyframe_size=(n, 2), keyframe_bow=(n, v),
+                    vocabulary=(v, 32), idf=(v,))
+        got = {k: a.shape for k, a in keyframes.items()}
+        if got != want or not all(np.isfinite(a).all() for a in keyframes.values()):
+            raise MapError(f'{path}: keyframe arrays {got} are not consistent and finite (expected {want})')
     return PlaceMap(P.astype(np.float32), N.astype(np.float32), float(header['voxel']), F.astype(np.float32), D,
-                    header.get('meta', {}))
+                    header.get('meta', {}), **keyframes)
 
 
 # ------------------------------------------------------------------------------------------------ refinement
@@ -456,7 +564,8 @@ def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: t
 
 def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K: np.ndarray,
                     prior_covariance: np.ndarray, radii_px: tuple[float, ...] = RADII_PX,
-                    max_correction: tuple[float, float] = MAX_FEATURE_CORRECTION) -> Refinement:
+                    max_correction: tuple[float, float] = MAX_FEATURE_CORRECTION,
+                    features: tuple[np.ndarray, np.ndarray] | None = None) -> Refinement:
     """The frame's ORB features matched to the map's near where T_map_cam (4, 4) projects them, then PnP-RANSAC.
 
     image (H, W, 3) uint8 RGB and K (3, 3) of it. radii_px (at 320 px width, scaled with the image): one matching
@@ -464,16 +573,15 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
     PNP_ERROR_PX (scaled likewise) and a correction within max_correction.
     Covariance: sigma^2 (J^T J)^-1 of the inliers' reprojection, sigma = their RMS error (>= 0.5 px), in the
     parameters of refine_icp (rotation about the camera centre, centre translation).
+    features: detect(image, orb(QUERY_FEATURES)) where already computed.
     """
     T0 = np.asarray(T_map_cam, np.float64)
     keep_pose = lambda reason, **kw: Refinement('features', T0, False, reason, prior_covariance, **kw)  # noqa: E731
     H, W = image.shape[:2]
     scale = W / 320.0
-    kps, des = orb(QUERY_FEATURES).detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
-    if des is None or len(kps) < MIN_PNP_INLIERS:
-        return keep_pose(f'{0 if des is None else len(kps)} image features < {MIN_PNP_INLIERS}')
-    strong = np.argsort([-k.response for k in kps])  # strongest first
-    uv_query, des = np.array([kps[i].pt for i in strong]), des[strong]
+    uv_query, des = detect(image, orb(QUERY_FEATURES)) if features is None else features
+    if len(des) < MIN_PNP_INLIERS:
+        return keep_pose(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     R, c = T0[:3, :3].copy(), T0[:3, 3].copy()
     inliers = np.zeros(0, int)
     for k, radius in enumerate(radii_px):
@@ -527,3 +635,65 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
     T = np.eye(4)
     T[:3, :3], T[:3, 3] = R, c
     return Refinement('features', T, True, '', _to_ros(cov), **stats)
+
+
+# ------------------------------------------------------------------------------------------------ global recovery
+def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
+            candidates: int = RECOVERY_CANDIDATES) -> Refinement:
+    """A pose from the image alone (and its depth), wherever the camera is in the mapped place.
+
+    image (H, W, 3) uint8 RGB, K (3, 3) of it; depth (H', W') metres registered to it, or None.
+    The bag-of-words vector of the image's ORB features retrieves `candidates` keyframes; the features are matched
+    (Hamming nearest neighbour, ratio test) to the map features in those keyframes' views, PnP-RANSAC (P3P) gives
+    a pose, and refine_features from it must accept (its covariance test); with a depth image and map surfaces,
+    ICP from there then refines it when it accepts. Refinement.method is 'recovery' (+ '+icp').
+    """
+    unknown = np.eye(6) * 1e6
+    fail = lambda reason, **kw: Refinement('recovery', np.eye(4), False, reason, unknown, **kw)  # noqa: E731
+    if not len(place.keyframe_bow):
+        return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
+    H, W = image.shape[:2]
+    scale = W / 320.0
+    uv, des = detect(image, orb(QUERY_FEATURES))
+    if len(des) < MIN_PNP_INLIERS:
+        return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
+    scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)
+    top = np.argsort(-scores, kind='stable')[:candidates]
+    seen = np.zeros(len(place.feature_points), bool)
+    for f in top:  # map features in the keyframe's view
+        T, Kf, (w, h) = place.keyframe_poses[f].astype(np.float64), place.keyframe_K[f].astype(np.float64), \
+            place.keyframe_size[f]
+        p, z = _project(place.feature_points.astype(np.float64), T[:3, :3], T[:3, 3], Kf)
+        seen |= (z > 0.05) & (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
+    cand = np.flatnonzero(seen)
+    if len(cand) < MIN_PNP_INLIERS:
+        return fail(f'{len(cand)} map features in the {len(top)} retrieved keyframes < {MIN_PNP_INLIERS}')
+    pairs = [m for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(m) == 2]
+    good = [a for a, b in pairs if a.distance <= MAX_HAMMING and a.distance < RATIO * b.distance]
+    if len(good) < MIN_PNP_INLIERS:
+        return fail(f'{len(good)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(good))
+    obj = place.feature_points[cand[[m.trainIdx for m in good]]].astype(np.float64)
+    img = uv[[m.queryIdx for m in good]].astype(np.float64)
+    ok, rvec, tvec, inl = cv2.solvePnPRansac(obj, img, K, None, iterationsCount=RECOVERY_RANSAC_ITERATIONS,
+                                             reprojectionError=PNP_ERROR_PX * scale, confidence=0.999,
+                                             flags=cv2.SOLVEPNP_AP3P)
+    if not ok or inl is None or len(inl) < MIN_PNP_INLIERS:
+        return fail(f'{0 if inl is None else len(inl)} PnP inliers of {len(good)} matches < {MIN_PNP_INLIERS}',
+                    points=len(good))
+    Rcw = cv2.Rodrigues(rvec)[0]
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = Rcw.T, (-Rcw.T @ tvec).ravel()
+    # The RANSAC pose is a start, not a prior: how far the verification moves it is not a test here.
+    r = refine_features(place, T, image, K, unknown, max_correction=(np.inf, 180.0), features=(uv, des))
+    r.method = 'recovery'
+    if not r.accepted:
+        r.reason = f'verification of the retrieved pose: {r.reason}'
+        return r
+    if depth is not None and len(place.points) >= MIN_POINTS:
+        Kd = scale_intrinsics(K, depth.shape[1] / W, depth.shape[0] / H)
+        icp = refine_icp(place, r.T_map_cam, depth, Kd, r.covariance)
+        if icp.accepted:
+            icp.method = 'recovery+icp'
+            return icp
+    return r
+

@@ -371,11 +371,15 @@ def test_node_module_needs_no_tf2_at_import():
     (['-p', 'threads:=many'], r"parameter 'threads': expected a int"),
     (['-p', 'place_map:=/nonexistent/place.map.npz'],
      r"parameter 'place_map': map file not found: /nonexistent/place\.map\.npz"),
+    (['-p', 'place_map:=TRUNCATED'], r"parameter 'place_map': .*truncated\.map\.npz: not a readable globloc map"),
 ])
 def test_bad_model_or_parameter_exits_nonzero_with_a_clear_message(args, expect, setup, ros_env, tmp_path):
     corrupt = tmp_path / 'corrupt.pt'
     corrupt.write_bytes(b'PK\x03\x04 this is not a model' * 10)
-    args = [a.replace('CORRUPT', str(corrupt)) for a in args]
+    truncated = tmp_path / 'truncated.map.npz'  # a map file cut short, as by a full disk or an interrupted copy
+    np.savez_compressed(truncated, points=np.zeros((1000, 3), np.float32), header='{}')
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    args = [a.replace('CORRUPT', str(corrupt)).replace('TRUNCATED', str(truncated)) for a in args]
     if not any(a.startswith('model:=') for a in args):
         args += ['-p', f'model:={setup["model"]}']
     run = subprocess.run([str(LOCALIZER), '--ros-args', *args], capture_output=True, text=True, timeout=60)

@@ -98,14 +98,29 @@ def test_save_and_load_round_trip_and_clear_errors(tmp_path):
     with pytest.raises(pm.MapError, match='map file not found: .*missing.npz'):
         pm.load_map(tmp_path / 'missing.npz')
     (tmp_path / 'junk.npz').write_bytes(b'not a zip' * 10)
-    with pytest.raises(pm.MapError, match='junk.npz: not a globloc map file'):
+    with pytest.raises(pm.MapError, match='junk.npz: not a readable globloc map file'):
         pm.load_map(tmp_path / 'junk.npz')
+    data = path.read_bytes()
+    (tmp_path / 'cut.npz').write_bytes(data[:len(data) // 2])  # truncated
+    with pytest.raises(pm.MapError, match=r'cut.npz: not a readable globloc map file \(BadZipFile'):
+        pm.load_map(tmp_path / 'cut.npz')
+    mid = len(data) // 2  # corrupt bytes inside a compressed array
+    (tmp_path / 'bad.npz').write_bytes(data[:mid] + bytes(64) + data[mid + 64:])
+    with pytest.raises(pm.MapError, match='bad.npz: not a readable globloc map file'):
+        pm.load_map(tmp_path / 'bad.npz')
     header = {'format': pm.MAP_FORMAT, 'version': pm.MAP_VERSION + 1, 'voxel': 0.05}
     arrays = dict(points=cloud.points, normals=cloud.normals, feature_points=cloud.feature_points,
-                  descriptors=cloud.descriptors)
+                  descriptors=cloud.descriptors, **{k: getattr(cloud, k) for k in pm.KEYFRAME_ARRAYS})
     np.savez(tmp_path / 'new.npz', **arrays, header=json.dumps(header))
-    with pytest.raises(pm.MapError, match='new.npz: map version 2 is not 1; rebuild it'):
+    with pytest.raises(pm.MapError, match='new.npz: map version 3 is not 2; rebuild it'):
         pm.load_map(tmp_path / 'new.npz')
+    header['version'] = 1  # a map from before keyframes: loads, and recovery says why it cannot run
+    np.savez(tmp_path / 'v1.npz', **arrays, header=json.dumps(header))
+    v1 = pm.load_map(tmp_path / 'v1.npz')
+    assert len(v1.keyframe_bow) == 0 and np.array_equal(v1.descriptors, cloud.descriptors)
+    rec = pm.recover(v1, np.zeros((120, 160, 3), np.uint8), np.eye(3), None)
+    assert not rec.accepted and 'rebuild it with `globloc map`' in rec.reason
+    assert len(back.keyframe_bow) == back.meta['keyframes'] >= 1 and np.array_equal(back.vocabulary, cloud.vocabulary)
     header['version'] = pm.MAP_VERSION
     np.savez(tmp_path / 'nan.npz', **{**arrays, 'points': cloud.points * np.nan}, header=json.dumps(header))
     with pytest.raises(pm.MapError, match='nan.npz: points, normals or feature points are not finite'):

@@ -55,6 +55,7 @@ from geometry_msgs.msg import (Point, Pose, PoseStamped, PoseWithCovariance, Pos
 from nav_msgs.msg import Path as PathMsg
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.duration import Duration
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
@@ -93,12 +94,15 @@ PARAMETERS = (
     Param('precision', 'auto', 'inference precision; auto: fp16 for torch on CUDA and engines as built, '
           'else fp32', ('auto', 'fp32', 'fp16')),
     Param('threads', 0, 'CPU threads for inference; 0: the backend default', low=0, high=1024),
-    Param('image_topic', '/camera/image_raw', 'sensor_msgs/Image topic (rgb8, bgr8, mono8)'),
+    Param('image_topic', '/camera/image_raw', 'sensor_msgs/Image topic (the encodings cv_bridge converts to rgb8: '
+          'rgb8, bgr8, rgba8, bgra8, mono8, mono16, yuv422, bayer_*, ...)'),
     Param('compressed_topic', '/camera/image_raw/compressed', 'sensor_msgs/CompressedImage topic (jpeg, png)'),
-    Param('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo topic; the latest one is used'),
+    Param('camera_info_topic', '/camera/camera_info', 'sensor_msgs/CameraInfo topic, per frame or latched '
+          '(transient local, published once); the latest one is used'),
     Param('image_transport', 'raw', 'which image topic to subscribe', ('raw', 'compressed')),
     Param('depth_topic', '', 'RGB-D: sensor_msgs/Image depth registered to the colour image (same size and stamps; '
-          '32FC1 m or 16UC1 mm), used in place of the depth head; empty: the image alone'),
+          '32FC1 m or 16UC1 mm; a name ending in /compressedDepth: compressed_depth_image_transport), used in place '
+          'of the depth head; empty: the image alone'),
     Param('depth_tolerance', 0.01, 'seconds: the largest stamp difference between an image and its depth image',
           low=0.0, high=1.0),
     Param('depth_wait', 0.05, "seconds to wait for a frame's depth image before localizing without it",
@@ -344,11 +348,20 @@ class LocalizerNode(Node):
         else:
             self.image_topic = self.cfg['compressed_topic']
             self.create_subscription(CompressedImage, self.image_topic, self._on_image, qos)
+        # CameraInfo per frame (any durability; reliability as `qos`), and latched: a driver that published it
+        # once, transient local, before the node started. A transient-local reliable subscription matches only such
+        # publishers (RxO), so the second one is quiet about the others.
         self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
                                  QoSProfile(depth=2, reliability=qos.reliability))
+        self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
+                                 QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                                            durability=DurabilityPolicy.TRANSIENT_LOCAL),
+                                 event_callbacks=SubscriptionEventCallbacks(incompatible_qos=lambda _: None))
         self._depths = StampBuffer()
         if self.cfg['depth_topic']:
-            self.create_subscription(Image, self.cfg['depth_topic'], self._depths.put, qos)
+            # image_transport names a compressed_depth_image_transport topic <base>/compressedDepth
+            depth_type = CompressedImage if self.cfg['depth_topic'].endswith('/compressedDepth') else Image
+            self.create_subscription(depth_type, self.cfg['depth_topic'], self._depths.put, qos)
         self.create_service(Trigger, '~/relocalize', self._on_relocalize)
         self.create_timer(self.cfg['diagnostics_period'], self._publish_diagnostics)
         if self.cfg['relocalize_on_start']:
@@ -477,7 +490,7 @@ class LocalizerNode(Node):
                 return self._reject('bad_camera_info', cam_error)
             return self._reject('no_camera_info', f'no CameraInfo on {self.cfg["camera_info_topic"]} yet')
         try:
-            rgb = imgmsg.compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else imgmsg.image_to_rgb(msg)
+            rgb = imgmsg.to_rgb(msg)
             imgmsg.check_size(rgb, cam)
             rgb = cam.rectify(rgb)
         except ValueError as e:

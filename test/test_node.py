@@ -461,8 +461,8 @@ class TestCameraTF:
         assert list(init.pose.covariance) == list(pose.pose.covariance)
 
     BAD_INPUT = {
-        'unknown encoding': ('bad_image', 'Image.encoding',
-                             lambda f: dict(image=_set(image_msg(f.image), encoding='16UC1'))),
+        'unknown encoding': ('bad_image', 'Image.encoding',  # a depth image on the colour topic
+                             lambda f: dict(image=_set(image_msg(f.image), encoding='32FC1'))),
         'data shorter than step*height': ('bad_image', 'Image.data',
                                           lambda f: dict(image=_set(image_msg(f.image), data=bytes(100)))),
         'zero-size image': ('bad_image', 'zero-size',
@@ -757,3 +757,117 @@ class TestDepthMap:
         assert refined > 0 and 0 < float(diag['refine_inliers']) <= 1
         if refined < len(frames):
             assert diag['last_reason_refine']
+
+
+# ------------------------------------------------------------------------------------------------ camera drivers
+COMPRESSED_DEPTH_TOPIC = '/camera/depth/image_raw/compressedDepth'
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def encoded_msg(rgb: np.ndarray, encoding: str) -> Image:
+    """`rgb` (H, W, 3) as a camera driver publishes it: bgra8, 8UC3, bgr16 (big endian, rows padded) or yuv422."""
+    h, w = rgb.shape[:2]
+    if encoding == 'yuv422':
+        return Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=w * 2,
+                     data=cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_UYVY).tobytes())
+    bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+    if encoding == 'bgra8':
+        rows = np.concatenate([bgr, np.full((h, w, 1), 255, np.uint8)], axis=2).reshape(h, -1)
+    elif encoding == '8UC3':
+        rows = bgr.reshape(h, -1)
+    else:  # bgr16, big endian, 6 bytes of padding per row
+        rows = np.hstack([(bgr.astype('>u2') * 257).reshape(h, -1).view(np.uint8), np.zeros((h, 6), np.uint8)])
+    return Image(height=h, width=w, encoding=encoding, is_bigendian=int(encoding == 'bgr16'), step=rows.shape[1],
+                 data=rows.tobytes())
+
+
+def compressed_depth_msg(depth_m: np.ndarray, stamp_ns: int) -> CompressedImage:
+    """16UC1 millimetres as compressed_depth_image_transport publishes them: a 12-byte header, then a PNG."""
+    mm = np.nan_to_num(depth_m * 1000.0).round().astype(np.uint16)
+    ok, png = cv2.imencode('.png', mm)
+    assert ok
+    return CompressedImage(header=Header(stamp=Time(nanoseconds=stamp_ns).to_msg()),
+                           format='16UC1; compressedDepth png', data=bytes(12) + png.tobytes())
+
+
+class TestCameraDriver:
+    """A camera driver as many are: CameraInfo published once, latched (transient local), before the node starts;
+    images in the driver's own encoding; depth through compressed_depth_image_transport."""
+
+    @pytest.fixture(scope='class')
+    def node(self, peer, setup, tmp_path_factory):
+        f = setup['frames'][0]
+        driver = rclpy.create_node('latched_camera_driver')
+        info_pub = driver.create_publisher(CameraInfo, '/camera/camera_info', LATCHED)
+        info = camera_info_msg(f.K, f.image.shape[1], f.image.shape[0])
+        info.header.frame_id = f.frame_id
+        info_pub.publish(info)  # once, before the node exists
+        depth_pub = peer.node.create_publisher(CompressedImage, COMPRESSED_DEPTH_TOPIC,
+                                               QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE))
+        log = tmp_path_factory.mktemp('node_driver') / 'node.log'
+        node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={COMPRESSED_DEPTH_TOPIC}',
+                                 '-p', 'depth_wait:=0.5', '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
+        assert peer.wait(lambda: info_pub.get_subscription_count() > 0 and depth_pub.get_subscription_count() > 0, 10)
+        yield node, depth_pub
+        assert node.stop() == 0, node.output()
+        peer.node.destroy_publisher(depth_pub)
+        driver.destroy_node()  # the latched CameraInfo goes with it: later nodes must not see it
+
+    def test_latched_camera_info_reaches_a_node_started_after_it(self, node, peer, setup):
+        lz = offline(setup['model'])
+        for f in setup['frames'][:5]:
+            stamp = peer.send(f, stamp_ns=f.stamp_ns + 70_000_000_000, info=False)  # no CameraInfo with the frames
+            assert peer.wait(lambda: stamp in peer.poses, 10), f'no pose for {stamp}:\n{node[0].output()}'
+            assert_pose_close(pose_matrix(peer.poses[stamp].pose), lz.localize(f.image, f.K).T_map_cam)
+        diag = peer.fresh_diag()
+        assert int(diag['frames_no_camera_info']) == 0 and int(diag['frames_bad_camera_info']) == 0
+
+    @pytest.mark.parametrize('encoding', ['bgra8', '8UC3', 'bgr16', 'yuv422'])
+    def test_the_drivers_encoding_is_localized_like_rgb8(self, encoding, node, peer, setup):
+        from globloc_ros import imgmsg
+
+        f = setup['frames'][6]
+        msg = encoded_msg(f.image, encoding)
+        stamp = peer.send(f, stamp_ns=f.stamp_ns + 71_000_000_000 + len(encoding), image=msg, info=False)
+        assert peer.wait(lambda: stamp in peer.poses, 10), f'{encoding}: no pose:\n{peer.diag}'
+        rgb = f.image if encoding != 'yuv422' else imgmsg.image_to_rgb(msg)  # the others are lossless
+        assert_pose_close(pose_matrix(peer.poses[stamp].pose), offline(setup['model']).localize(rgb, f.K).T_map_cam)
+
+    def test_compressed_depth_replaces_the_depth_head(self, node, peer, setup):
+        lz = offline(setup['model'])
+        before = peer.fresh_diag()  # the frames above came without depth
+        frames = setup['frames'][8:11]
+        for f in frames:
+            stamp = f.stamp_ns + 72_000_000_000
+            node[1].publish(compressed_depth_msg(f.depth, stamp))
+            peer.send(f, stamp_ns=stamp, info=False)
+            assert peer.wait(lambda: stamp in peer.poses, 10), node[0].output()
+            rgbd = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000)  # what survives 16UC1
+            assert_pose_close(pose_matrix(peer.poses[stamp].pose), rgbd.T_map_cam)
+        diag = peer.fresh_diag()
+        assert int(diag['frames_with_depth']) == int(before['frames_with_depth']) + len(frames)
+        assert diag['frames_without_depth'] == before['frames_without_depth']
+
+
+def test_best_effort_camera_info_per_frame(peer, setup, tmp_path_factory):
+    """CameraInfo published best effort with every frame (volatile), the other common way, still reaches the node."""
+    best_effort = QoSProfile(depth=5, reliability=ReliabilityPolicy.BEST_EFFORT)
+    info_pub = peer.node.create_publisher(CameraInfo, '/camera/camera_info', best_effort)
+    node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', 'diagnostics_period:=0.1', *PERMISSIVE],
+                      tmp_path_factory.mktemp('node_best_effort') / 'node.log')
+    try:
+        assert peer.wait(lambda: info_pub.get_subscription_count() > 0, 10)
+        lz = offline(setup['model'])
+        for f in setup['frames'][:5]:
+            info = camera_info_msg(f.K, f.image.shape[1], f.image.shape[0])
+            info.header.stamp, info.header.frame_id = Time(nanoseconds=f.stamp_ns).to_msg(), f.frame_id
+            info_pub.publish(info)
+            stamp = peer.send(f, info=False)
+            if not peer.wait(lambda: stamp in peer.poses, 3):  # best effort: a lost CameraInfo is allowed once
+                info_pub.publish(info)
+                stamp = peer.send(f, stamp_ns=f.stamp_ns + 1, info=False)
+                assert peer.wait(lambda: stamp in peer.poses, 10), f'{peer.diag}\n{node.output()}'
+            assert_pose_close(pose_matrix(peer.poses[stamp].pose), lz.localize(f.image, f.K).T_map_cam)
+    finally:
+        assert node.stop() == 0, node.output()
+        peer.node.destroy_publisher(info_pub)

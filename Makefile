@@ -10,18 +10,32 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
 .PHONY: venv test demo demo-rgbd demo-train bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) $(VENV)/.globloc-layout $(VENV)/.globloc_msgs
 
-$(STAMP): requirements.txt requirements-dev.txt setup.py package.xml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	if [ -d $(OVERLAY) ]; then bash $(OVERLAY)/build.sh $(VENV); \
-	  else echo "note: $(OVERLAY) not found: launch/tf2 tests will be skipped"; fi
+	  else echo "note: $(OVERLAY) not found: no ros2 CLI, launch or tf2 here; their tests will be skipped"; fi
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The editable install's ament layout in the venv's own prefix, as symlinks into this checkout (what colcon's
+# --symlink-install does): `ros2 launch/run/pkg globloc_ros` work and edits need no reinstall. Redone when a file
+# is added to or removed from launch/, config/ or models/.
+$(VENV)/.globloc-layout: $(STAMP) globloc_ros/share.py ros/globloc_ros/package.xml launch config models
+	$(VENV)/bin/python -m globloc_ros.share $(VENV)
+	touch $@
+
+# globloc_msgs (ros/globloc_msgs) built into the venv with CMake and the rosidl wheels, as the overlay builds
+# tf2_msgs; redone only when its sources change.
+$(VENV)/.globloc_msgs: $(STAMP) scripts/build_msgs.sh $(wildcard ros/globloc_msgs/* ros/globloc_msgs/msg/*)
+	bash scripts/build_msgs.sh $(VENV) ros/globloc_msgs
+	touch $@
+
+# With the overlay, a skipped ROS test (launch, tf2, node, colcon, messages) fails `make test` (test/conftest.py).
 test: venv
-	$(VENV)/bin/python -m pytest -q test
+	GLOBLOC_REQUIRE_ROS=$$(test -d $(OVERLAY) && echo 1 || echo 0) $(VENV)/bin/python -m pytest -q test
 
 demo: venv
 	$(VENV)/bin/python -m globloc_ros.demo

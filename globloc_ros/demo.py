@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -110,33 +109,19 @@ def _recipe(meta: dict) -> list[str]:
     return flags
 
 
-def _ament_prefix(prefix: Path) -> Path:
-    """A minimal ament prefix of symlinks into this checkout (what `colcon build --symlink-install`
-    would give): editable pip installs carry no data_files, and `ros2 launch` needs them."""
-    pkg = 'globloc_ros'
-    shutil.rmtree(prefix, ignore_errors=True)  # rebuilt each run: links follow the checkout
-    index = prefix / 'share/ament_index/resource_index/packages'
-    share, lib = prefix / 'share' / pkg, prefix / 'lib' / pkg
-    for folder in (index, share, lib):
-        folder.mkdir(parents=True)
-    (index / pkg).touch()
-    (share / 'package.xml').symlink_to(ROOT / 'package.xml')
-    for folder in ('launch', 'config', 'models'):
-        # real folders of symlinked files: ros2 launch finds launch files with os.walk, which
-        # does not follow symlinked folders
-        (share / folder).mkdir()
-        for src in (ROOT / folder).iterdir():
-            (share / folder / src.name).symlink_to(src)
-    for exe in ('localizer', 'replay'):
-        (lib / exe).symlink_to(VENV_BIN / exe)
-    return prefix
+def _ensure_ament_layout() -> None:
+    """`ros2 launch globloc_ros` finds the package in the venv's own prefix, which `make venv` lays out
+    (globloc_ros.share.link_prefix); lay it out here if the venv was set up otherwise."""
+    from globloc_ros import share
+    marker = Path(sys.prefix) / 'share/ament_index/resource_index/packages' / share.PACKAGE
+    if not marker.exists() and (share.SOURCE / 'ros' / share.PACKAGE).is_dir():
+        share.link_prefix(Path(sys.prefix))
 
 
 def start_node(model: Path, out: Path, env: dict, use_launch: bool, params_file: Path | None,
                overrides: dict[str, str]) -> subprocess.Popen:
     if use_launch:
-        env['AMENT_PREFIX_PATH'] = os.pathsep.join(
-            [str(_ament_prefix(out / 'ament_prefix'))] + [p for p in [env.get('AMENT_PREFIX_PATH')] if p])
+        _ensure_ament_layout()
         cmd = [VENV_BIN / 'ros2', 'launch', 'globloc_ros', 'localize.launch.py', f'model:={model}']
         cmd += [f'params_file:={params_file}'] if params_file else []
         cmd += [f'{k}:={v}' for k, v in overrides.items()]

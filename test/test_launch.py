@@ -1,10 +1,11 @@
-"""`ros2 launch globloc_ros localize.launch.py` for real: the package is pip-installed into a temporary
-prefix (as a user or colcon would install it, data_files included), found through AMENT_PREFIX_PATH,
-launched, fed a bag by globloc-replay, and this process receives the poses over DDS."""
+"""`ros2 launch globloc_ros localize.launch.py` and `ros2 run globloc_ros localizer` as a user types them in the venv
+that `make` sets up: the package is found in the venv's own prefix (share/globloc_ros and lib/globloc_ros are links
+into this checkout, laid out by `make venv` with globloc_ros.share.link_prefix), launched, fed a bag by
+globloc-replay, and this process receives the poses over DDS."""
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -14,70 +15,83 @@ import pytest
 import yaml
 
 pytest.importorskip('launch_ros', reason='launch/launch_ros come from the ROS overlay (shared/ros-overlay)')
-ROS2 = Path(sys.executable).parent / 'ros2'
+BIN = Path(sys.executable).parent
+ROS2 = BIN / 'ros2'
 if not ROS2.exists():
     pytest.skip(f'the ros2 CLI is not installed ({ROS2})', allow_module_level=True)
 
 from test_node import peer, ros_env, setup  # noqa: E402,F401  (fixtures shared with the node tests)
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_FILES = ('setup.py', 'package.xml', 'resource', 'launch', 'config', 'models', 'scripts', 'globloc',
-                 'globloc_ros')
+PREFIX = Path(sys.prefix)  # the venv
+SHARE = PREFIX / 'share' / 'globloc_ros'
 
 
 @pytest.fixture(scope='module')
-def prefix(tmp_path_factory, ros_env) -> dict:
-    """Install the package non-editable into a fresh prefix; returns the environment that finds it.
-    The sources are copied first so that the build leaves nothing in the shared checkout."""
-    tmp = tmp_path_factory.mktemp('install')
-    src, prefix = tmp / 'src', tmp / 'prefix'
-    src.mkdir()
-    for name in PACKAGE_FILES:
-        path = REPO / name
-        if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns('__pycache__', '*.pyc'))
-        elif path.exists():
-            shutil.copy2(path, src / name)
-    env = dict(os.environ, _ROS_WHEELS_BOOTSTRAP_COMPLETE='1')  # pip needs no ROS libraries: skip the re-exec
-    # --ignore-installed: without it pip *uninstalls* the venv's editable globloc_ros before installing
-    # into the prefix, which would break every other test and console script.
-    subprocess.run([sys.executable, '-m', 'pip', 'install', '-q', '--disable-pip-version-check', '--no-deps',
-                    '--no-build-isolation', '--ignore-installed', '--prefix', str(prefix), str(src)],
-                   env=env, check=True, timeout=300)
-    site = prefix / 'lib' / 'python3.11' / 'site-packages'
-    env = dict(os.environ, AMENT_PREFIX_PATH=str(prefix),
-               PYTHONPATH=os.pathsep.join([str(site), *filter(None, [os.environ.get('PYTHONPATH')])]))
-    assert (prefix / 'share' / 'globloc_ros' / 'launch' / 'localize.launch.py').is_file()
-    assert (prefix / 'lib' / 'globloc_ros' / 'localizer').is_file()
-    return {'prefix': prefix, 'env': env}
+def env(ros_env) -> dict:
+    """A shell with the venv activated: `source .venv/bin/activate` puts the venv on PATH and in AMENT_PREFIX_PATH
+    (set here alone, so that no workspace sourced by whoever runs the tests is tested instead)."""
+    return dict(os.environ, PATH=os.pathsep.join([str(BIN), os.environ.get('PATH', '')]),
+                AMENT_PREFIX_PATH=str(PREFIX), VIRTUAL_ENV=str(PREFIX))
 
 
-def test_launch_file_declares_its_arguments(prefix):
+def ros2_run(package: str, executable: str) -> list[str]:
+    """The command of `ros2 run PACKAGE EXECUTABLE`. The overlay has no ros2run (nor is it on PyPI): there, what
+    ros2 run runs, the executable of that name among ros2pkg.api.get_executable_paths (ros2run's own lookup)."""
+    if importlib.util.find_spec('ros2run') is not None:
+        return [str(ROS2), 'run', package, executable]
+    from ros2pkg.api import get_executable_paths
+    paths = [p for p in get_executable_paths(package_name=package) if os.path.basename(p) == executable]
+    assert len(paths) == 1, f'ros2 run {package} {executable}: executables found: {paths}'
+    return paths
+
+
+def test_the_package_is_in_the_venv_prefix_as_links_into_the_checkout(env):
+    run = subprocess.run([str(ROS2), 'pkg', 'prefix', 'globloc_ros'], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == str(PREFIX), \
+        run.stdout + run.stderr + '\n(`make venv` lays the package out in the venv: python -m globloc_ros.share .venv)'
+    run = subprocess.run([str(ROS2), 'pkg', 'executables', 'globloc_ros'], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.stdout.split('\n')[:2] == ['globloc_ros localizer', 'globloc_ros replay'], run.stdout + run.stderr
+    # Links, so that an edit in the checkout is what runs next time (colcon's --symlink-install does the same).
+    assert (SHARE / 'launch' / 'localize.launch.py').resolve() == REPO / 'launch' / 'localize.launch.py'
+    assert (SHARE / 'config' / 'localizer.yaml').resolve() == REPO / 'config' / 'localizer.yaml'
+    assert (SHARE / 'package.xml').resolve() == REPO / 'ros' / 'globloc_ros' / 'package.xml'
+    assert (PREFIX / 'lib' / 'globloc_ros' / 'localizer').resolve() == (BIN / 'globloc-localizer').resolve()
+    import globloc_ros
+    assert Path(globloc_ros.__file__).resolve().parent == REPO / 'globloc_ros'  # the editable install
+    # No generic names in the venv's bin/: localizer and replay are lib/globloc_ros's.
+    assert not (BIN / 'localizer').exists() and not (BIN / 'replay').exists()
+    assert all((BIN / name).exists() for name in ('globloc', 'globloc-localizer', 'globloc-replay'))
+
+
+def test_launch_file_declares_its_arguments(env):
     run = subprocess.run([str(ROS2), 'launch', 'globloc_ros', 'localize.launch.py', '--show-args'],
-                         env=prefix['env'], capture_output=True, text=True, timeout=60)
+                         env=env, capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     for arg in ('model', 'params_file', 'namespace', 'image_topic', 'camera_info_topic', 'backend', 'publish_tf',
                 'use_rviz'):
         assert f"'{arg}'" in run.stdout
-    assert str(prefix['prefix'] / 'share' / 'globloc_ros' / 'config' / 'localizer.yaml') in run.stdout
+    assert str(SHARE / 'config' / 'localizer.yaml') in run.stdout
 
 
-def test_ros2_launch_localizes_a_replayed_bag(prefix, peer, setup, tmp_path):
+def test_ros2_launch_localizes_a_replayed_bag(env, peer, setup, tmp_path):
     # A params file like a user's: the installed defaults, with gating opened for the untrained model.
-    params = yaml.safe_load((prefix['prefix'] / 'share/globloc_ros/config/localizer.yaml').read_text())
+    params = yaml.safe_load((SHARE / 'config' / 'localizer.yaml').read_text())
     params['/**']['ros__parameters'].update(max_residual_m=1e6, min_effective_points=0.0, diagnostics_period=0.2)
     params_file = tmp_path / 'params.yaml'
     params_file.write_text(yaml.safe_dump(params))
     log = open(tmp_path / 'launch.log', 'w')
     launch = subprocess.Popen([str(ROS2), 'launch', 'globloc_ros', 'localize.launch.py', f'model:={setup["model"]}',
                                f'params_file:={params_file}', 'publish_tf:=map_to_camera'],
-                              env=prefix['env'], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         peer.reset()
         assert peer.wait(lambda: peer.n_diag > 0 or launch.poll() is not None, 60) and launch.poll() is None, \
             (tmp_path / 'launch.log').read_text()
-        replay = subprocess.run([str(prefix['prefix'] / 'bin' / 'globloc-replay'), str(setup['bag']),
-                                 '--rate-hz', '20'], env=prefix['env'], capture_output=True, text=True, timeout=60)
+        replay = subprocess.run([str(BIN / 'globloc-replay'), str(setup['bag']), '--rate-hz', '20'], env=env,
+                                capture_output=True, text=True, timeout=60)
         assert replay.returncode == 0, replay.stdout + replay.stderr
         stamps = {f.stamp_ns for f in setup['frames']}
         assert peer.wait(lambda: len(peer.poses) >= len(stamps) - 2, 20), \
@@ -88,9 +102,9 @@ def test_ros2_launch_localizes_a_replayed_bag(prefix, peer, setup, tmp_path):
         assert diag['model'] == str(setup['model'])
         assert diag['backend'] in ('onnxruntime', 'torch')
         assert launch.poll() is None
-        # launch_ros ran the installed executable lib/globloc_ros/localizer, with the launch's params files.
+        # launch_ros ran the venv's lib/globloc_ros/localizer, with the launch's params files.
         children = [_cmdline(pid) for pid in _children(launch.pid)]
-        exe = f"{prefix['prefix']}/lib/globloc_ros/localizer"
+        exe = f'{PREFIX}/lib/globloc_ros/localizer'
         node_cmd = next((c for c in children if exe in c[:2]), None)  # [python3,] exe, --ros-args ...
         assert node_cmd is not None, children
         assert str(params_file) in node_cmd
@@ -101,14 +115,29 @@ def test_ros2_launch_localizes_a_replayed_bag(prefix, peer, setup, tmp_path):
     assert 'process has finished cleanly' in out and code == 0, out
 
 
-def test_ros2_launch_with_a_missing_model_stops_with_the_reason(prefix, tmp_path):
+def test_ros2_launch_with_a_missing_model_stops_with_the_reason(env, tmp_path):
     run = subprocess.run([str(ROS2), 'launch', 'globloc_ros', 'localize.launch.py',
-                          f'model:={tmp_path / "missing.pt"}'], env=prefix['env'], capture_output=True, text=True,
-                         timeout=60)
+                          f'model:={tmp_path / "missing.pt"}'], env=env, capture_output=True, text=True, timeout=60)
     out = run.stdout + run.stderr
     assert f"parameter 'model': file not found: {tmp_path / 'missing.pt'}" in out
     assert 'exit code 2' in out  # the node failed, and the launch shut down instead of hanging
     assert run.returncode == 1, out  # and `ros2 launch` says so to scripts
+
+
+def test_ros2_run_localizer(env, peer, setup, tmp_path):
+    log = open(tmp_path / 'run.log', 'w')
+    cmd = ros2_run('globloc_ros', 'localizer') + ['--ros-args', '-p', f'model:={setup["model"]}',
+                                                  '-p', 'diagnostics_period:=0.2']
+    node = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        peer.reset()
+        assert peer.wait(lambda: peer.n_diag > 0 or node.poll() is not None, 60) and node.poll() is None, \
+            (tmp_path / 'run.log').read_text()
+        assert peer.fresh_diag()['model'] == str(setup['model'])
+    finally:
+        code = _stop(node)
+        log.close()
+    assert code == 0, f'{cmd}: exit code {code}\n' + (tmp_path / 'run.log').read_text()
 
 
 def _stop(proc: subprocess.Popen) -> int:

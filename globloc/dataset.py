@@ -3,7 +3,8 @@
 Frames are read at their stored size (so `label_fraction` is a fraction of the *recorded* image's pixels, as in
 the paper's "< 1 % labelled pixels"), then resized once to the network input size:
 - images with cv2.INTER_AREA (downscaling) / INTER_LINEAR, K with frames.scale_intrinsics (pixel-centre rule);
-- labels (x, y, z, u, v): u, v moved with the same pixel-centre rule, so they stay in input-image pixels;
+- labels (x, y, z, u, v): u, v moved with the same pixel-centre rule, so they stay in input-image pixels; a bag
+  with neither landmarks nor depth gets them triangulated between its frames from the poses (triangulate_labels);
 - depth sampled at the stride-s cell centres (bilinear over the four nearest recorded pixels, invalid when any of
   them is invalid or they straddle a depth edge), which is exactly what the depth head predicts.
 
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 from globloc import bags as bg
 from globloc import graph as gr
 from globloc_ros import frames as fr
+from globloc_ros import placemap as pm
 
 
 @dataclass
@@ -117,6 +119,71 @@ def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: i
     return sequences
 
 
+# Triangulated labels: ORB features per frame, twice the label budget (about a third come out as labels), at most
+# MAX_TRIANGULATION_FEATURES (matching costs grow with the square). A feature triangulated in several frame pairs
+# keeps the median point when they agree within LABEL_AGREEMENT of its distance from the camera, else none: a wrong
+# match along the epipolar line (repeated facade windows) passes the reprojection tests but rarely gives the same
+# point twice.
+MAX_TRIANGULATION_FEATURES = 5000
+LABEL_AGREEMENT = 0.02
+
+
+def triangulate_labels(sequences: list[bg.Sequence], label_fraction: float, seed: int = 0) -> dict | None:
+    """Sparse labels for the frames that have neither landmarks nor depth (a plain camera with a motion-capture or
+    SfM trajectory), triangulated from the images and their poses by the place map's own triangulation
+    (placemap.triangulate_features: ORB features matched between frames with wide baselines and similar viewing
+    directions; a point is kept when it reprojects within TRIANGULATION_ERROR_PX in both frames and the rays meet
+    at MIN_PARALLAX_DEG or more). The frames of all sequences are triangulated together (one place, one map frame).
+
+    A feature triangulated in several pairs becomes one label, at their median point, when they agree
+    (LABEL_AGREEMENT). Each frame gets at most label_count(label_fraction, W, H) labels, (M, 5) float32 rows
+    (x, y, z, u, v): the map-frame point (metres) and the recorded-image pixel of the feature that sees it.
+    Sets frame.landmarks, and report.labels gains 'triangulated'. Returns None when no frame lacked labels, else
+    {'frames', 'frames_with_labels', 'labels', 'labels_per_frame' (min, median, max), 'label_fraction' (of the
+    recorded pixels), 'reprojection_px' (median, p90): each label's point projected with its own frame's pose and
+    K, against its pixel}.
+    """
+    todo = [(s, f) for s in sequences for f in s.frames if f.landmarks is None and f.depth is None]
+    if not todo:
+        return None
+    views = []
+    for _, f in todo:
+        h, w = f.image.shape[:2]
+        n = min(MAX_TRIANGULATION_FEATURES, max(pm.MAP_FEATURES, 2 * bg.label_count(label_fraction, w, h)))
+        kps, des = pm.orb(n).detectAndCompute(cv2.cvtColor(f.image, cv2.COLOR_RGB2GRAY), None)
+        uv = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
+        views.append((uv, np.zeros((0, 32), np.uint8) if des is None else des, f.K, f.T_map_cam))
+    X, _, src = pm.triangulate_features(views, with_sources=True)
+    order = np.lexsort((src[:, 1], src[:, 0]))  # the rows of one (frame, feature) next to each other
+    X, src = X[order], src[order]
+    first = np.flatnonzero(np.r_[True, np.any(src[1:] != src[:-1], axis=1)]) if len(src) else np.zeros(0, int)
+    groups = list(zip(first, np.r_[first[1:], len(src)]))
+    points = np.array([np.median(X[a:b], 0) for a, b in groups]).reshape(-1, 3)
+    spread = np.array([np.linalg.norm(X[a:b] - p, axis=1).max() for (a, b), p in zip(groups, points)])
+    frame_of, feature_of = src[first].T
+    centres = np.array([f.T_map_cam[:3, 3] for _, f in todo])
+    agree = spread <= LABEL_AGREEMENT * np.linalg.norm(points - centres[frame_of], axis=1)
+    counts, errors, pixels = [], [], 0
+    for k, (s, f) in enumerate(todo):
+        h, w = f.image.shape[:2]
+        pixels += h * w
+        mine = agree & (frame_of == k)
+        lm = np.column_stack([points[mine], views[k][0][feature_of[mine]]]).astype(np.float32)
+        lm = bg.subsample_labels(lm, bg.label_count(label_fraction, w, h), bg.label_rng(seed, f.stamp_ns))
+        if len(lm):
+            f.landmarks = lm
+            uv, _ = fr.project((lm[:, :3].astype(np.float64) - f.T_map_cam[:3, 3]) @ f.T_map_cam[:3, :3], f.K)
+            errors.append(np.linalg.norm(uv - lm[:, 3:], axis=1))
+            if 'triangulated' not in s.report.labels:
+                s.report.labels = '+'.join(x for x in (s.report.labels, 'triangulated') if x != 'none')
+        counts.append(len(lm))
+    err = np.concatenate(errors) if errors else np.zeros(0)
+    return {'frames': len(todo), 'frames_with_labels': int(np.count_nonzero(counts)), 'labels': int(sum(counts)),
+            'labels_per_frame': [int(np.min(counts)), float(np.median(counts)), int(np.max(counts))],
+            'label_fraction': sum(counts) / pixels,
+            'reprojection_px': [float(np.median(err)), float(np.percentile(err, 90))] if len(err) else None}
+
+
 def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:
     """Explicit edges from the bags' graph topic if any bag has one, else edges derived from the poses."""
     explicit = gr.edges_from_bags(sequences)
@@ -157,8 +224,9 @@ def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], 
     m = max(len(x) for x in label_list)
     n_labelled = sum(len(x) > 0 for x in label_list)
     if need_labels and n_labelled == 0:
-        raise ValueError(f'no frame has 3D labels (no landmarks topic and no depth in {[str(s.path) for s in sequences]}): '
-                         f'scene-coordinate training needs at least sparse labels')
+        raise ValueError(f'no frame has 3D labels (no landmarks topic, no depth, and none triangulated between the '
+                         f'frames from their poses in {[str(s.path) for s in sequences]}): scene-coordinate training '
+                         f'needs at least sparse labels')
     labels = np.zeros((n, max(m, 1), 5), np.float32)
     mask = np.zeros((n, max(m, 1)), bool)
     for k, lm in enumerate(label_list):
@@ -210,6 +278,9 @@ class TupleSampler:
 
     Anchors are the frames that have at least one edge of each kind; for each tuple one adjacent and one distant
     edge of the anchor are picked uniformly. `tuples(step, batch)` depends only on (seed, step).
+    When no frame has both kinds (one short sequence in which nothing comes back near where it was, e.g. a few dozen
+    stills walked around a building), every frame with an edge is an anchor and a slot whose kind the anchor lacks
+    takes an edge of the other kind; `fallback` then says so (None otherwise).
     """
 
     def __init__(self, n_frames: int, edges: list, seed: int):
@@ -228,11 +299,16 @@ class TupleSampler:
         self.anchors = np.array([i for i in range(n_frames) if len(self.incident[gr.ADJACENT][i])
                                  and len(self.incident[gr.DISTANT][i])], dtype=np.int64)
         counts = gr.edge_counts(edges)
+        self.fallback = None
         if len(self.anchors) == 0:
-            raise ValueError(f'too few frames for the graph: {n_frames} frames with {counts["adjacent"]} adjacent '
-                             f'and {counts["distant"]} distant edges, and no frame has both kinds (tuples need an '
-                             f'anchor with an adjacent and a distant partner; give more or longer overlapping '
-                             f'sequences)')
+            self.anchors = np.array([i for i in range(n_frames) if len(self.incident[gr.ADJACENT][i])
+                                     or len(self.incident[gr.DISTANT][i])], dtype=np.int64)
+            self.fallback = (f'no frame has both an adjacent and a distant edge ({counts["adjacent"]} adjacent, '
+                             f'{counts["distant"]} distant): each tuple takes both partners from the kind its anchor '
+                             f'has')
+        if len(self.anchors) == 0:
+            raise ValueError(f'too few frames for the graph: {n_frames} frames and no edge between them (tuples '
+                             f'need an anchor with partners; give more or longer sequences)')
 
     def tuples(self, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
         """(batch, 3) frame indices (anchor, adjacent, distant) and (batch, 2, 4, 4) float64 measured relative
@@ -245,6 +321,8 @@ class TupleSampler:
         for b, a in enumerate(anchors):
             for slot, kind in ((0, gr.ADJACENT), (1, gr.DISTANT)):
                 cand = self.incident[kind][a]
+                if not len(cand):  # only with self.fallback
+                    cand = self.incident[gr.DISTANT if kind == gr.ADJACENT else gr.ADJACENT][a]
                 partner, k, direction = cand[rng.integers(0, len(cand))]
                 idx[b, slot + 1] = partner
                 rel[b, slot] = self.T_j_i[k] if direction else self.T_i_j[k]

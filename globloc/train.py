@@ -371,6 +371,16 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
     return total, terms
 
 
+def triangulation_summary(t: dict) -> str:
+    """One line on labels triangulated from the poses (dataset.triangulate_labels' report)."""
+    lo, med, hi = t['labels_per_frame']
+    err = 'no reprojection error' if t['reprojection_px'] is None else \
+        'reprojection error {:.2f} / {:.2f} px (median / p90)'.format(*t['reprojection_px'])
+    return (f'labels triangulated from the images and poses of {t["frames"]} frames without depth or landmarks: '
+            f'{t["labels"]} on {t["frames_with_labels"]} frames ({lo} / {med:.0f} / {hi} per frame, min / median / '
+            f'max; {t["label_fraction"]:.2%} of the pixels), {err}')
+
+
 def train(args: argparse.Namespace | dict | None = None, **kwargs) -> Path:
     """Train a model; returns the model file path. Same arguments as `globloc train` (dest names as kwargs)."""
     a = make_args(args, **kwargs)
@@ -400,9 +410,15 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     sequences = ds.load_sequences(a.bags, a.label_fraction, seed=a.seed, max_frames=a.max_frames,
                                   topics=bg.parse_topics(a.topic), holdout=a.holdout,
                                   progress=not a.quiet and rank == 0 and sys.stderr.isatty())
+    # A bag with neither landmarks nor depth (images + poses only) gets labels triangulated between its frames.
+    triangulated = ds.triangulate_labels(sequences, a.label_fraction, a.seed) if a.arch == 'globloc' else None
+    if triangulated and rank == 0 and not a.quiet:
+        print(triangulation_summary(triangulated), file=sys.stderr)
     data = ds.build_train_data(sequences, input_size, need_labels=a.arch == 'globloc')
     del sequences
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
+    if sampler.fallback and rank == 0 and not a.quiet:
+        print(f'graph: {sampler.fallback}', file=sys.stderr)
     config = NetConfig(input_size=input_size, widths=int_list(a.widths, 3, '--widths'),
                        dilations=int_list(a.dilations, None, '--dilations'), norm=a.norm, backbone=a.backbone,
                        **ds.scene_normalisation(data), depth_focal=float(data.K[:, 0, 0].median()))
@@ -515,8 +531,10 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
             'train_time_s': round(elapsed_before + loop_s, 1), 'wall_time_s': round(time.time() - t_start, 1),
             'step_time_s': round(loop_s / max(1, end - start), 4),
             'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
-            'data': {'bags': data.paths, 'label_fraction': a.label_fraction, **data.stats},
+            'data': {'bags': data.paths, 'label_fraction': a.label_fraction, **data.stats,
+                     'triangulated_labels': triangulated},
             'edge_counts': data.stats['edges'], 'edges_source': data.edges_source,
+            'graph_fallback': sampler.fallback,
             'sc_clamp_m': tau, 'final_losses': final, 'loss_history': history,
             'torch': str(torch.__version__), 'threads': torch.get_num_threads()}
         modelfile.save_model(net, out, meta)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.spatial import cKDTree
 
 from globloc import bags as bg
 from globloc import dataset as ds
@@ -79,6 +80,7 @@ def test_sampler_is_a_pure_function_of_seed_and_step(tiny_scene):
     seqs = ds.load_sequences(_train_bags(tiny_scene), 0.005)
     data = ds.build_train_data(seqs, (64, 48))
     s1, s2 = ds.TupleSampler(len(data), data.edges, 3), ds.TupleSampler(len(data), data.edges, 3)
+    assert s1.fallback is None  # both edge kinds: every tuple has an adjacent and a distant partner
     a, rel_a = s1.tuples(7, 16)
     s1.tuples(8, 16)
     b, rel_b = s2.tuples(7, 16)
@@ -288,7 +290,86 @@ def test_train_and_eval_on_a_real_rgbd_bag(real_bags, tmp_path):
 
 def test_too_few_frames_for_the_graph(tiny_scene, tmp_path):
     with pytest.raises(ValueError, match='too few frames for the graph'):
-        train(bags=[tiny_scene / 'seq_00'], out=tmp_path / 'm.pt', max_frames=4, steps=1, **FAST)
+        train(bags=[tiny_scene / 'seq_00'], out=tmp_path / 'm.pt', max_frames=1, steps=1, **FAST)
+
+
+def test_sampler_without_distant_edges_takes_adjacent_partners(tiny_scene):
+    """Four frames of one sequence have adjacent edges only: every frame is an anchor and both partners of a tuple
+    are adjacent ones, with their measured relative poses; the sampler says so. No edge at all is an error."""
+    seqs = ds.load_sequences([tiny_scene / 'seq_00'], 0.005, max_frames=4)
+    edges, _ = ds.graph_edges(seqs)
+    sampler = ds.TupleSampler(4, edges, 0)
+    assert 'no frame has both an adjacent and a distant edge (6 adjacent, 0 distant)' in sampler.fallback
+    assert sampler.anchors.tolist() == [0, 1, 2, 3]
+    idx, rel = sampler.tuples(0, 16)
+    T = np.stack([f.T_map_cam for f in seqs[0].frames])
+    for (a, p, q), r in zip(idx, rel):
+        assert 1 <= abs(p - a) <= 3 and 1 <= abs(q - a) <= 3
+        assert np.allclose(r[0], fr.relative_pose(T[a], T[p]), atol=1e-6)
+        assert np.allclose(r[1], fr.relative_pose(T[a], T[q]), atol=1e-6)
+    with pytest.raises(ValueError, match='too few frames for the graph: 4 frames and no edge'):
+        ds.TupleSampler(4, [], 0)
+
+
+# ------------------------------------------------------------------------------------------------ images + poses only
+@pytest.fixture(scope='module')
+def castle(real_bags) -> Path:
+    """../shared/data/places/strecha_castle: map (30 images 768x512) and query (9), images and poses only."""
+    path = real_bags.parent / 'places' / 'strecha_castle'
+    if not (path / 'map').is_dir():
+        pytest.skip(f'castle place not found at {path}')
+    return path
+
+
+def test_labels_triangulated_from_images_and_poses(castle, real_bags):
+    """The castle map has neither depth nor landmarks: its labels are triangulated between its images with the
+    poses. They are sparse, reproject onto their pixels, and agree with the benchmark's own landmarks (SIFT tracks
+    over all castle-P19 images, GT-triangulated, 0.15 px: the data README), which share 10 of these images in a map
+    frame shifted by (9.75, 9.75, 9.75) m."""
+    fraction = 0.0025
+    seqs = ds.load_sequences([castle / 'map'], fraction)
+    frames = seqs[0].frames
+    assert seqs[0].report.labels == 'none' and all(f.landmarks is None and f.depth is None for f in frames)
+    t = ds.triangulate_labels(seqs, fraction)
+    assert seqs[0].report.labels == 'triangulated'
+    cap = bg.label_count(fraction, 768, 512)
+    counts = [len(f.landmarks) for f in frames]
+    assert t['frames'] == t['frames_with_labels'] == 30 and t['labels'] == sum(counts) > 10_000
+    assert min(counts) > 200 and max(counts) <= cap and t['label_fraction'] < fraction  # sparse: < 0.25 %
+    assert t['reprojection_px'][0] < 0.5 and t['reprojection_px'][1] < 1.5
+    for f in frames:  # the stored rows are what the statistics describe
+        uv, z = fr.project((f.landmarks[:, :3].astype(np.float64) - f.T_map_cam[:3, 3]) @ f.T_map_cam[:3, :3], f.K)
+        assert (z > 0).all() and np.percentile(np.linalg.norm(uv - f.landmarks[:, 3:], axis=1), 99) < 2.0
+    p19 = bg.read_sequence(real_bags / 'strecha_castle_p19', label_fraction=1.0, progress=False)
+    centres = np.array([f.T_map_cam[:3, 3] for f in frames])
+    ratios, shared = [], 0
+    for g in p19.frames:
+        k = int(np.argmin(np.linalg.norm(centres - g.T_map_cam[:3, 3] - 9.75, axis=1)))
+        if np.linalg.norm(centres[k] - g.T_map_cam[:3, 3] - 9.75) > 1e-3:
+            continue  # a query image
+        shared += 1
+        ref, mine = g.landmarks.astype(np.float64), frames[k].landmarks.astype(np.float64)
+        d, j = cKDTree(ref[:, 3:]).query(mine[:, 3:], distance_upper_bound=1.0)  # the same pixel, within 1 px
+        hit = np.isfinite(d)
+        ratios.append(np.linalg.norm(mine[hit, :3] - centres[k], axis=1)
+                      / np.linalg.norm(ref[j[hit], :3] + 9.75 - centres[k], axis=1))
+    rel = np.abs(np.concatenate(ratios) - 1)
+    assert shared == 10 and len(rel) > 200
+    assert np.median(rel) < 0.01 and np.mean(rel > 0.05) < 0.1, (np.median(rel), np.mean(rel > 0.05))
+
+
+def test_training_on_images_and_poses_only(castle, tmp_path):
+    """`globloc train` on the castle map (no depth, no landmarks, no distant edges) triangulates its labels, trains,
+    and says so in the model's metadata; eval gives the 9 query images a pose."""
+    out = train(bags=[castle / 'map'], out=tmp_path / 'm.pt', steps=3, label_fraction=0.0025, **FAST)
+    meta = torch.load(out, weights_only=True)['meta']
+    data, t = meta['data'], meta['data']['triangulated_labels']
+    assert data['frames'] == data['frames_with_labels'] == t['frames_with_labels'] == 30
+    assert data['frames_with_depth'] == 0 and t['labels'] > 10_000 and t['reprojection_px'][1] < 1.5
+    assert meta['edge_counts']['distant'] == 0 and 'adjacent' in meta['graph_fallback']
+    assert np.isfinite(np.array(meta['loss_history'])).all()
+    r = ev.evaluate(out, [castle / 'query'])
+    assert r['frames'] == 9 and r['ungated']['non_finite'] == 0
 
 
 def test_resume_checks_the_checkpoint(tiny_scene, tmp_path):

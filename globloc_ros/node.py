@@ -55,7 +55,6 @@ from geometry_msgs.msg import (Point, Pose, PoseStamped, PoseWithCovariance, Pos
 from nav_msgs.msg import Path as PathMsg
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor
 from rclpy.duration import Duration
-from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
@@ -348,15 +347,12 @@ class LocalizerNode(Node):
         else:
             self.image_topic = self.cfg['compressed_topic']
             self.create_subscription(CompressedImage, self.image_topic, self._on_image, qos)
-        # CameraInfo per frame (any durability; reliability as `qos`), and latched: a driver that published it
-        # once, transient local, before the node started. A transient-local reliable subscription matches only such
-        # publishers (RxO), so the second one is quiet about the others.
+        # CameraInfo per frame (volatile: matches any publisher of compatible reliability), and latched once a
+        # transient-local publisher shows up (see _subscribe_latched_camera_info).
         self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
                                  QoSProfile(depth=2, reliability=qos.reliability))
-        self.create_subscription(CameraInfo, self.cfg['camera_info_topic'], self._on_camera_info,
-                                 QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
-                                            durability=DurabilityPolicy.TRANSIENT_LOCAL),
-                                 event_callbacks=SubscriptionEventCallbacks(incompatible_qos=lambda _: None))
+        self._latched_camera_info = None
+        self._latched_watch = self.create_timer(0.1, self._subscribe_latched_camera_info)
         self._depths = StampBuffer()
         if self.cfg['depth_topic']:
             # image_transport names a compressed_depth_image_transport topic <base>/compressedDepth
@@ -455,6 +451,22 @@ class LocalizerNode(Node):
             self._camera = (cam, '')  # a new object only when the camera changed: keeps undistortion maps
 
     def _on_relocalize(self, _request, response):
+    def _subscribe_latched_camera_info(self) -> None:
+        """Timer: once a transient-local ("latched") CameraInfo publisher is discovered, subscribe transient local
+        with its reliability too, so the message a driver published once before this node started still arrives.
+
+        Made only then: a transient-local subscription matches no volatile publisher, nor, if reliable, a
+        best-effort one (QoS request vs offer), and every such driver would log an incompatible-QoS warning."""
+        topic = self.cfg['camera_info_topic']
+        for pub in self.get_publishers_info_by_topic(topic):
+            if pub.qos_profile.durability == DurabilityPolicy.TRANSIENT_LOCAL:
+                self._latched_camera_info = self.create_subscription(
+                    CameraInfo, topic, self._on_camera_info,
+                    QoSProfile(depth=1, reliability=pub.qos_profile.reliability,
+                               durability=DurabilityPolicy.TRANSIENT_LOCAL))
+                self._latched_watch.cancel()
+                return
+
         self._relocalize.set()
         response.success = True
         response.message = (f'the next confident pose goes to {self.pub_initial.topic_name}'

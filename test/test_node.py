@@ -807,7 +807,11 @@ class TestCameraDriver:
         log = tmp_path_factory.mktemp('node_driver') / 'node.log'
         node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={COMPRESSED_DEPTH_TOPIC}',
                                  '-p', 'depth_wait:=0.5', '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
-        assert peer.wait(lambda: info_pub.get_subscription_count() > 0 and depth_pub.get_subscription_count() > 0, 10)
+        # Both of the node's CameraInfo subscriptions matched: per frame, and the transient-local one it makes on
+        # discovering this latched publisher; the stored message then reaches it within milliseconds.
+        assert peer.wait(lambda: info_pub.get_subscription_count() == 2 and depth_pub.get_subscription_count() > 0,
+                         10), node.output()
+        time.sleep(0.2)
         yield node, depth_pub
         assert node.stop() == 0, node.output()
         peer.node.destroy_publisher(depth_pub)

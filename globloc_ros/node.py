@@ -440,17 +440,6 @@ class LocalizerNode(Node):
         self.stats.count('received')
         self._mailbox.put((msg, time.perf_counter()))
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        try:
-            cam = imgmsg.Intrinsics.from_camera_info(msg)
-        except ValueError as e:
-            self._camera = (None, str(e))
-            return
-        old = self._camera[0]
-        if not cam.same_as(old):
-            self._camera = (cam, '')  # a new object only when the camera changed: keeps undistortion maps
-
-    def _on_relocalize(self, _request, response):
     def _subscribe_latched_camera_info(self) -> None:
         """Timer: once a transient-local ("latched") CameraInfo publisher is discovered, subscribe transient local
         with its reliability too, so the message a driver published once before this node started still arrives.
@@ -467,6 +456,17 @@ class LocalizerNode(Node):
                 self._latched_watch.cancel()
                 return
 
+    def _on_camera_info(self, msg: CameraInfo) -> None:
+        try:
+            cam = imgmsg.Intrinsics.from_camera_info(msg)
+        except ValueError as e:
+            self._camera = (None, str(e))
+            return
+        old = self._camera[0]
+        if not cam.same_as(old):
+            self._camera = (cam, '')  # a new object only when the camera changed: keeps undistortion maps
+
+    def _on_relocalize(self, _request, response):
         self._relocalize.set()
         response.success = True
         response.message = (f'the next confident pose goes to {self.pub_initial.topic_name}'

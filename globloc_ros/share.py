@@ -11,7 +11,8 @@ PACKAGE = 'globloc_ros'
 
 def share_file(relative: str) -> tuple[Path | None, list[Path]]:
     """share/globloc_ros/<relative> of the installed package (ament index), else <relative> in the source tree
-    (editable installs are not in the ament index). Returns (the first that exists or None, the paths tried)."""
+    (a pip install has no ament layout; `make venv` gives its editable one link_prefix's). Returns (the first that
+    exists or None, the paths tried)."""
     tried = []
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory

@@ -17,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +32,15 @@ from globloc import dataset as ds
 from globloc_ros import frames as fr
 from globloc_ros.modelfile import read_model_dict
 from globloc_ros.net import NetConfig
-from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, Localizer, gate, pose_from_heads
+from globloc_ros.placemap import load_map
+from globloc_ros.runtime import MAX_RESIDUAL_M, MIN_EFFECTIVE_POINTS, PATHS, Localizer, gate, pose_from_heads
 
 RECALLS = ((0.05, 5.0), (0.10, 10.0), (0.25, 2.0))  # (metres, degrees)
+WRONG = (0.25, 10.0)  # a published pose at least this far off (metres or degrees) is a wrong one
+# --sequential: the last published pose as the next frame's prior, 10 cm and 5 deg std (a robot's motion between
+# frames, no odometry in a bag)
+SEQUENTIAL_PRIOR_COVARIANCE = np.diag([0.1 ** 2] * 3 + [np.radians(5.0) ** 2] * 3)
+DISTANCE_BINS_M = (0.0, 0.1, 0.25, 0.5, 1.0, np.inf)  # recall against the distance to the nearest map camera
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--map', default=None, metavar='MAP',
                    help='refine each confident pose against this map (`globloc map`): ICP with --depth, else '
                         'image features')
+    p.add_argument('--sequential', action='store_true',
+                   help="with --map: each bag as a stream, the last published pose the next frame's prior (as the "
+                        'node does); default: every frame on its own (single-image relocalization)')
     p.add_argument('--max-frames', type=int, default=None, help='first N frames of each bag')
     bg.add_topic_argument(p)
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
@@ -100,16 +111,19 @@ class _RuntimeLocalizer:
     def __init__(self, model_path, backend: str, place_map=None):
         self.loc = Localizer(model_path, backend=backend, device='cpu', place_map=place_map)
         self.meta = {}
+        self.prior = None  # --sequential: (T_map_cam, covariance) of the last published pose
 
     def __call__(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None):
-        r = self.loc.localize(image, K, depth)
-        extra = {'residual_m': float(r.residual), 'n_eff': float(r.n_eff)}
+        r = self.loc.localize(image, K, depth, prior=self.prior)
+        extra = {'residual_m': float(r.residual), 'n_eff': float(r.n_eff), 'path': r.path,
+                 'T_one_shot': np.asarray(r.T_one_shot).tolist(),
+                 'position_covariance': np.asarray(r.covariance)[:3, :3].tolist()}
         if depth is not None:
             extra['measured_depth'] = r.measured_depth
         if not r.confident:
             extra['reason'] = r.reason
         if r.refinement is not None:
-            extra['refined'] = r.refinement.accepted
+            extra['refined'] = r.path in ('refined', 'tracked', 'recovered')
             extra['refine_inliers'] = r.refinement.inlier_fraction
             if not r.refinement.accepted:
                 extra['refine_reason'] = r.refinement.reason
@@ -117,8 +131,10 @@ class _RuntimeLocalizer:
 
 
 def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
-                    warmup: int = 3, depth: bool = False, place_map=None):
+                    warmup: int = 3, depth: bool = False, place_map=None, sequential: bool = False):
     """Localise each frame (depth: with its recorded depth, RGB-D; place_map: refined against that map file).
+    sequential: as the node does on a stream, the last published pose of the same sequence is the next frame's
+    prior (no odometry in a bag: the pose itself); otherwise every frame is localised on its own.
     Returns T_est (N, 4, 4), ok (N,) bool, time_ms (N,), extras (list of dicts), meta, and the backend actually
     used ('direct' for posenet models and for PnP)."""
     arch = bl.model_arch(NetConfig.from_dict(read_model_dict(model_path)['config']))
@@ -139,7 +155,12 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     ok = np.zeros(len(frames), bool)
     times = np.zeros(len(frames))
     extras = []
+    if sequential and backend == 'direct':
+        raise ValueError('--sequential needs the Localizer (--backend torch, onnxruntime or auto)')
     for k, f in enumerate(frames):
+        if backend != 'direct':
+            loc.prior = None if not sequential or k == 0 or frames[k - 1].seq != f.seq or not ok[k - 1] \
+                else (T_est[k - 1], SEQUENTIAL_PRIOR_COVARIANCE)
         t0 = time.perf_counter()
         T, conf, extra = loc(*args(f))
         times[k] = (time.perf_counter() - t0) * 1e3
@@ -216,7 +237,7 @@ def pose_metrics(T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray) -> dict:
 
 def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', method: str = 'align',
              json_path=None, plots_dir=None, max_frames: int | None = None, frames: list | None = None,
-             topics: bg.Topics = bg.Topics(), depth: bool = False, place_map=None) -> dict:
+             topics: bg.Topics = bg.Topics(), depth: bool = False, place_map=None, sequential: bool = False) -> dict:
     """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc).
     depth: RGB-D, the Localizer gets each frame's recorded depth; place_map: a map file to refine against."""
     frames = frames if frames is not None else load_test_frames(bags, split, max_frames, topics)
@@ -224,7 +245,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
         raise ValueError(f'no test frames in {bags} (split {split})')
     T_gt = np.stack([f.T_map_cam for f in frames])
     T_est, ok, times, extras, meta, backend = localize_frames(model_path, frames, backend, method, depth=depth,
-                                                              place_map=place_map)
+                                                              place_map=place_map, sequential=sequential)
     summary, t_err, r_err, t_raw, r_raw = pose_metrics(T_est, T_gt, ok)
     seen = frames_seen_in_training(meta, bags, frames)
     if seen:
@@ -249,13 +270,71 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
                        'time_ms': round(float(ms), 3), **extra}
                       for f, t, r, tr, rr, o, ms, extra in zip(frames, t_err, r_err, t_raw, r_raw, ok, times, extras)],
     }
+    if backend != 'direct':
+        report.update(trust_metrics(t_raw, r_raw, ok, T_est, T_gt, extras))
+    if place_map is not None:
+        report['coverage_by_distance'] = coverage_by_distance(load_map(place_map), frames, t_err, r_err, extras)
     if plots_dir:
         report['plots'] = [str(p) for p in plot_results(T_gt, T_est, plots_dir, ok=ok,
                                                         title=f'{Path(model_path).name} ({method})').values()]
+        report['plots'] += [str(p) for p in plot_trust(report, T_est, T_gt, ok, extras, plots_dir)]
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(_jsonable(report), indent=1))
     return report
+
+
+def sigma_along_error(T_est: np.ndarray, T_gt: np.ndarray, extras: list[dict]) -> np.ndarray:
+    """(N,) the published position std (m) in the direction of each frame's position error (NaN without one)."""
+    out = np.full(len(T_est), np.nan)
+    for k, e in enumerate(extras):
+        if 'position_covariance' in e:
+            d = T_est[k, :3, 3] - T_gt[k, :3, 3]
+            n = np.linalg.norm(d)
+            u = d / n if n > 0 else np.array([1.0, 0.0, 0.0])
+            out[k] = np.sqrt(max(float(u @ np.asarray(e['position_covariance']) @ u), 0.0))
+    return out
+
+
+def trust_metrics(t_raw: np.ndarray, r_raw: np.ndarray, ok: np.ndarray, T_est: np.ndarray, T_gt: np.ndarray,
+                  extras: list[dict]) -> dict:
+    """Frames per path with the rejection reasons, wrong published poses (>= WRONG) and whether the published
+    covariance is consistent with the error (share of published positions within 3 std along their error)."""
+    paths = Counter(e.get('path', 'one-shot') for e in extras)
+    reasons = Counter(re.sub(r'-?\d+(\.\d+)?', 'N', e['reason']) for e in extras if 'reason' in e)
+    wrong = ok & ((t_raw >= WRONG[0]) | (r_raw >= WRONG[1]))
+    sigma = sigma_along_error(T_est, T_gt, extras)
+    within = t_raw[ok] <= 3 * sigma[ok]
+    return {'paths': {p: paths.get(p, 0) for p in PATHS if paths.get(p)},
+            'rejection_reasons': dict(reasons.most_common(5)),
+            'published': int(ok.sum()), 'published_wrong': int(wrong.sum()),
+            'published_wrong_fraction': float(wrong.sum() / max(ok.sum(), 1)),
+            'within_3_sigma': float(within.mean()) if len(within) else math.nan}
+
+
+def coverage_by_distance(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray,
+                         extras: list[dict]) -> list[dict]:
+    """Recall at 10 cm / 10 deg against the distance from the nearest map keyframe (DISTANCE_BINS_M; a recorded camera every placemap.KEYFRAME_STEP), of the
+    published poses and of the one-shot poses (confidence ignored), with the median angle to that keyframe."""
+    if not len(place.keyframe_poses):
+        return []
+    C = place.keyframe_poses[:, :3, 3].astype(np.float64)
+    rows = []
+    dist, angle = np.zeros(len(frames)), np.zeros(len(frames))
+    for k, f in enumerate(frames):
+        d = np.linalg.norm(C - f.T_map_cam[:3, 3], axis=1)
+        j = int(np.argmin(d))
+        dist[k], angle[k] = d[j], fr.rotation_error_deg(place.keyframe_poses[j, :3, :3], f.T_map_cam[:3, :3])
+    shot = np.array([e['T_one_shot'] if 'T_one_shot' in e else np.full((4, 4), np.nan) for e in extras])
+    t1, r1 = fr.pose_errors(shot, np.stack([f.T_map_cam for f in frames]))
+    for lo, hi in zip(DISTANCE_BINS_M[:-1], DISTANCE_BINS_M[1:]):
+        b = (dist >= lo) & (dist < hi)
+        if b.any():
+            rows.append({'from_m': lo, 'to_m': _finite(hi), 'frames': int(b.sum()),
+                         'median_angle_deg': float(np.median(angle[b])),
+                         'recall_10cm_10deg': float(np.mean((t_err[b] <= 0.1) & (r_err[b] <= 10))),
+                         'one_shot_recall_10cm_10deg': float(np.mean((t1[b] <= 0.1) & (r1[b] <= 10)))})
+    return rows
 
 
 def frames_seen_in_training(meta: dict, bags, frames: list[bg.Frame]) -> int:
@@ -357,6 +436,51 @@ def plot_results(T_gt: np.ndarray, T_est: np.ndarray, out_dir, ok: np.ndarray | 
     return paths
 
 
+def plot_trust(report: dict, T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray, extras: list[dict],
+               out_dir) -> list[Path]:
+    """error_vs_sigma.png: each published position's error against its predicted std (along the error), with
+    the 1 and 3 sigma lines; recall_vs_distance.png (with a map): recall against the distance from the map's
+    cameras, published and one-shot."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    out_dir = Path(out_dir)
+    paths = []
+    sigma = sigma_along_error(T_est, T_gt, extras)
+    pub = ok & np.isfinite(sigma)
+    if pub.any():
+        err = np.linalg.norm(T_est[:, :3, 3] - T_gt[:, :3, 3], axis=1)
+        fig, ax = plt.subplots(figsize=(6, 5))
+        for path in PATHS:
+            m = pub & np.array([e.get('path') == path for e in extras])
+            if m.any():
+                ax.scatter(sigma[m] * 100, err[m] * 100, s=10, label=f'{path} ({m.sum()})')
+        lim = np.array([max(min(sigma[pub].min(), err[pub].min()) * 100, 1e-3), max(sigma[pub].max() * 300,
+                                                                                  err[pub].max() * 100)])
+        ax.plot(lim, lim, 'k:', lw=1, label='1 sigma')
+        ax.plot(lim, 3 * lim, 'k--', lw=1, label='3 sigma')
+        ax.set(xscale='log', yscale='log', xlabel='predicted position std along the error (cm)',
+               ylabel='position error (cm)',
+               title=f"published poses: {report['within_3_sigma']:.0%} within 3 sigma, "
+                     f"{report['published_wrong']} wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg)")
+        ax.legend(fontsize=8)
+        paths.append(_save(fig, out_dir / 'error_vs_sigma.png'))
+    rows = report.get('coverage_by_distance') or []
+    if rows:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labels = [f"{r['from_m']:g}-{r['to_m']:g} m\n({r['frames']})" if r['to_m'] else
+                  f"> {r['from_m']:g} m\n({r['frames']})" for r in rows]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r['one_shot_recall_10cm_10deg'] * 100 for r in rows], 0.4, label='one-shot')
+        ax.bar(x + 0.2, [r['recall_10cm_10deg'] * 100 for r in rows], 0.4, label='published')
+        ax.set_xticks(x, labels, fontsize=8)
+        ax.set(ylabel='recall at 10 cm / 10 deg (%)', xlabel='distance from the nearest map camera (frames)',
+               ylim=(0, 100))
+        ax.legend()
+        paths.append(_save(fig, out_dir / 'recall_vs_distance.png'))
+    return paths
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -375,6 +499,14 @@ def format_summary(r: dict) -> str:
             + (f", {r['refined_fraction']:.0%} refined against the map" if r.get('place_map') else '') + "); "
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
             f"{r['ungated']['median_rotation_deg']:.2f} deg"
+            + (f"\npaths: {', '.join(f'{k} {v}' for k, v in r['paths'].items())}; published {r['published']}, "
+               f"wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg) {r['published_wrong']}, within 3 sigma "
+               f"{r['within_3_sigma']:.0%}" if 'paths' in r else '')
+            + ''.join(f"\n  rejected x{n}: {reason}" for reason, n in r.get('rejection_reasons', {}).items())
+            + ''.join(f"\n  {row['from_m']:g}-{row['to_m'] or math.inf:g} m from the map's cameras "
+                      f"({row['frames']} frames, median {row['median_angle_deg']:.0f} deg): recall 10cm/10deg "
+                      f"{row['recall_10cm_10deg']:.0%} (one-shot {row['one_shot_recall_10cm_10deg']:.0%})"
+                      for row in r.get('coverage_by_distance', []))
             + (f"; {r['frames_seen_in_training']} of these frames were training frames"
                if r.get('frames_seen_in_training') else '') + _heads_summary(r.get('heads')))
 
@@ -397,9 +529,12 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.model).exists():
         raise FileNotFoundError(f'model file not found: {args.model}')
+    if args.sequential and not args.map:
+        raise ValueError('--sequential needs --map (the stream behaviour tracks against the map)')
     r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,
                  json_path=args.json, plots_dir=args.plots, max_frames=args.max_frames,
-                 topics=bg.parse_topics(args.topic), depth=args.depth, place_map=args.map)
+                 topics=bg.parse_topics(args.topic), depth=args.depth, place_map=args.map,
+                 sequential=args.sequential)
     print(format_summary(r))
     if args.json:
         print(f'wrote {args.json}')

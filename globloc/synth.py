@@ -10,6 +10,8 @@ one training sequence (`seq_01`) is lit clearly darker and warmer.
 Each sequence is a smooth loop around the middle of the room, looking towards the walls with some yaw
 and pitch wobble; loops differ in radius, height and phase. The last sequence is held out for testing:
 its loop interpolates between the first two training loops, so it passes through the region they cover.
+With --detour M,DEG it leaves them for a stretch (up to M metres inwards and down, DEG degrees of yaw):
+the views a robot has off its mapping path, where a one-shot network is far from what it was trained on.
 
 Written per sequence (DIR/seq_00, seq_01, ...; sorted order = sequence id): raw rgb8 images, CameraInfo
 (fx = fy = 0.8 W, no distortion), exact 32FC1 depth (z along the optical axis), PoseStamped ground
@@ -36,6 +38,7 @@ ROOM_MIN = np.array([0.0, 0.0, 0.0])
 ROOM_MAX = np.array([6.0, 5.0, 3.0])
 CENTRE = np.array([3.0, 2.5])
 HZ = 10
+DETOUR_STRETCH = (0.35, 0.7)  # --detour: the part of the held-out loop (fractions) that leaves the training paths
 STAMP_BASE_NS = 1_700_000_000 * 10**9
 SEQ_STAMP_OFFSET_NS = 10_000 * 10**9  # sequences get disjoint stamps, so a stamp names one frame
 TEXTURE_SIZE = 256
@@ -129,6 +132,27 @@ def sequence_paths(sequences: int, rng: np.random.Generator) -> list[Loop]:
     test = Loop((a.rx + b.rx) / 2, (a.ry + b.ry) / 2, (a.height + b.height) / 2, rng.uniform(0, 2 * np.pi),
                  (a.yaw_amp + b.yaw_amp) / 2, rng.uniform(0, 2 * np.pi), rng.uniform(0, 2 * np.pi))
     return train + [test]
+
+
+def detour(poses: np.ndarray, metres: float, degrees: float, stretch: tuple[float, float] = DETOUR_STRETCH
+           ) -> np.ndarray:
+    """poses (N, 4, 4) T_map_cam along a loop, with the frames in `stretch` (fractions of the loop) moved up to
+    `metres` towards the room centre and down (0.8 : 0.6) and turned up to `degrees` about the vertical, in a
+    smooth bump (sin^2): views away from those any training sequence recorded."""
+    out = poses.copy()
+    n = len(poses)
+    for k in range(n):
+        x = (k / n - stretch[0]) / (stretch[1] - stretch[0])
+        if not 0 < x < 1:
+            continue
+        w = np.sin(np.pi * x) ** 2
+        inward = np.array([CENTRE[0], CENTRE[1], poses[k, 2, 3]]) - poses[k, :3, 3]
+        away = 0.8 * inward / max(np.linalg.norm(inward), 1e-9) + [0.0, 0.0, -0.6]  # unit: inwards and down
+        out[k, :3, 3] += w * metres * away
+        a = np.radians(w * degrees)
+        Rz = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0.0, 0.0, 1.0]])
+        out[k, :3, :3] = Rz @ poses[k, :3, :3]
+    return out
 
 
 def path_poses(p: Loop, frames: int) -> np.ndarray:
@@ -256,8 +280,10 @@ class Renderer:
 
 
 def generate(out, seed: int = 0, frames: int = 300, sequences: int = 3, size: tuple[int, int] = (320, 240),
-             label_fraction: float = 0.005, force: bool = False, progress: bool = True) -> dict:
-    """Write the scene to `out` (see module docstring); returns what scene.json holds."""
+             label_fraction: float = 0.005, force: bool = False, progress: bool = True,
+             detour_m_deg: tuple[float, float] | None = None) -> dict:
+    """Write the scene to `out` (see module docstring); returns what scene.json holds. detour_m_deg: (metres,
+    degrees) the held-out sequence leaves the training paths by, for a stretch (detour); None: it does not."""
     out = Path(out)
     bags.check_label_fraction(label_fraction)
     if frames < 1:
@@ -277,7 +303,10 @@ def generate(out, seed: int = 0, frames: int = 300, sequences: int = 3, size: tu
     paths = sequence_paths(sequences, rng)
     changed = 1 if sequences > 2 else None  # a training sequence, never the held-out one
     lights = [CHANGED_LIGHT if s == changed else NORMAL_LIGHT for s in range(sequences)]
-    poses = np.concatenate([path_poses(p, frames) for p in paths])
+    per_seq = [path_poses(p, frames) for p in paths]
+    if detour_m_deg is not None:
+        per_seq[-1] = detour(per_seq[-1], *detour_m_deg)
+    poses = np.concatenate(per_seq)
     seq_of = np.repeat(np.arange(sequences), frames)
     stamps = (STAMP_BASE_NS + seq_of * SEQ_STAMP_OFFSET_NS
               + np.tile(np.arange(frames), sequences) * (10**9 // HZ)).astype(np.int64)
@@ -309,7 +338,9 @@ def generate(out, seed: int = 0, frames: int = 300, sequences: int = 3, size: tu
         'materials': {k: {'image': v[0], 'tile_m': v[2]} for k, v in MATERIALS.items()},
         'paths': [p.__dict__ for p in paths],
         'lighting': [lights[s].__dict__ for s in range(sequences)],
-        'held_out': names[-1], 'train': names[:-1], 'changed_lighting': names[changed] if changed else None,
+        'held_out': names[-1], 'train': names[:-1],
+        'held_out_detour': None if detour_m_deg is None else {'metres': detour_m_deg[0], 'degrees': detour_m_deg[1],
+                                                               'stretch': list(DETOUR_STRETCH)}, 'changed_lighting': names[changed] if changed else None,
         'edges': graph.edge_counts(edges),
     }
     (out / 'scene.json').write_text(json.dumps(scene, indent=2) + '\n')
@@ -324,12 +355,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--size', type=bags.parse_size, default=(320, 240), help='image size WxH')
     parser.add_argument('--label-fraction', type=float, default=0.005, help='landmarks per pixel, in (0, 1]')
     parser.add_argument('--force', action='store_true', help='replace an existing scene in --out')
+    parser.add_argument('--detour', type=_metres_degrees, default=None, metavar='M,DEG',
+                        help='a hard held-out pass: for a third of its loop it leaves the training paths by up to M '
+                             'metres (inwards and down) and DEG degrees (yaw), e.g. 0.5,50')
+
+
+def _metres_degrees(text: str) -> tuple[float, float]:
+    try:
+        m, d = (float(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected M,DEG (e.g. 0.5,50), got {text!r}') from None
+    return m, d
 
 
 def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     scene = generate(args.out, seed=args.seed, frames=args.frames, sequences=args.sequences, size=args.size,
-                     label_fraction=args.label_fraction, force=args.force)
+                     label_fraction=args.label_fraction, force=args.force, detour_m_deg=args.detour)
     print(f'wrote {len(scene["sequences"])} x {args.frames} frames to {args.out} in '
           f'{time.perf_counter() - t0:.1f} s; held out: {scene["held_out"]}, changed lighting: '
           f'{scene["changed_lighting"]}; edges: {scene["edges"]}')

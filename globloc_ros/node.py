@@ -30,8 +30,11 @@ Outputs (node name `globloc` by default), all stamped with the image's stamp, in
   (meaningful for live or --restamp'ed stamps), latency_receive_to_publish, processing, localize and
   node_overhead (receive -> publish minus localize), the last residual_m / n_eff / spread_m; with depth_topic:
   frames_with_depth, frames_without_depth, last_reason_depth, the last measured_depth (fraction of cells); with
-  place_map: frames_refined, frames_not_refined, last_reason_refine, the last refine_inliers.
-A frame is published only when the Localizer calls it confident and the pose is finite and rigid.
+  place_map: frames by path (frames_refined, frames_tracked, frames_recovered; rejected ones in frames_rejected with
+  last_reason_rejected), the last refine_inliers.
+A frame is published only when the Localizer calls it confident and the pose is finite and rigid. With a place map,
+when the one-shot pose is not verified, the last published pose (moved by odometry, odom_frame -> camera in tf2,
+where TF has it; else as it was, for prior_timeout seconds) is a prior to refine from, before global recovery.
 
     globloc-localizer --ros-args -p model:=model.pt -p publish_tf:=map_to_odom
     ros2 launch globloc_ros localize.launch.py model:=model.pt
@@ -108,6 +111,10 @@ PARAMETERS = (
           low=0.0, high=1.0),
     Param('place_map', '', 'map file (`globloc map`): each confident pose is refined against it (ICP with the '
           "frame's depth image, else image features and PnP); empty: the one-shot pose"),
+    Param('publish_unverified', False, 'with place_map: also publish a confident one-shot pose that neither '
+          'refinement nor recovery verified against the map (default: only poses the map pins)'),
+    Param('prior_timeout', 1.0, 'with place_map and no odometry in TF: seconds the last published pose stays a '
+          'prior for the next frames (0: never)', low=0.0, high=3600.0),
     Param('map_frame', 'map', 'frame of the published poses'),
     Param('odom_frame', 'odom', 'odometry frame for publish_tf=map_to_odom'),
     Param('base_frame', '', "robot base frame: /initialpose carries the base pose (looked up base->camera "
@@ -126,6 +133,8 @@ PARAMETERS = (
     Param('path_length', 200, 'poses kept in ~/path (0: no path)', low=0, high=1_000_000),
 )
 
+# Added to the last published pose's covariance when it is the next frame's prior (motion between frames): 10 cm, 5 deg
+PRIOR_COVARIANCE = np.diag([0.1 ** 2] * 3 + [np.radians(5.0) ** 2] * 3)
 CATEGORIES = ('dropped', 'no_camera_info', 'bad_camera_info', 'bad_image', 'failed', 'rejected', 'tf')
 
 
@@ -311,6 +320,7 @@ class LocalizerNode(Node):
         self._path: deque = deque(maxlen=max(1, self.cfg['path_length']))
         self._last_counts: Counter = Counter()
         self._last_diag = time.monotonic()
+        self._last_pose = None  # (T_map_cam, covariance, stamp ns, T_odom_cam or None) of the last published pose
 
         self._tf_buffer = self._tf_broadcaster = None
         if self.cfg['publish_tf'] != 'none' or self.cfg['base_frame']:
@@ -422,7 +432,8 @@ class LocalizerNode(Node):
             lz = Localizer(model, backend=self.cfg['backend'], device=auto.get(self.cfg['device'], self.cfg['device']),
                            threads=self.cfg['threads'] or None, max_residual_m=self.cfg['max_residual_m'],
                            min_effective_points=self.cfg['min_effective_points'],
-                           precision=auto.get(self.cfg['precision'], self.cfg['precision']), place_map=place_map)
+                           precision=auto.get(self.cfg['precision'], self.cfg['precision']), place_map=place_map,
+                           publish_unverified=self.cfg['publish_unverified'])
         except (LocalizerError, ValueError, FileNotFoundError) as e:
             raise ConfigError(f"parameter 'model' ({model}): {e}") from e
         # One warm-up call so the first camera frame is not the one paying for lazy initialisation.
@@ -467,6 +478,7 @@ class LocalizerNode(Node):
             self._camera = (cam, '')  # a new object only when the camera changed: keeps undistortion maps
 
     def _on_relocalize(self, _request, response):
+        self._last_pose = None  # the robot may have been carried off: no prior, global recovery
         self._relocalize.set()
         response.success = True
         response.message = (f'the next confident pose goes to {self.pub_initial.topic_name}'
@@ -510,7 +522,7 @@ class LocalizerNode(Node):
         depth = self._depth_for(msg.header.stamp, cam) if self.cfg['depth_topic'] else None
         t_decoded = time.perf_counter()
         try:
-            result = self.localizer.localize(rgb, cam.K, depth)
+            result = self.localizer.localize(rgb, cam.K, depth, prior=self._prior_for(msg.header))
         except ValueError as e:
             return self._reject('bad_image', f'localizer: {e}')
         t_localized = time.perf_counter()
@@ -524,17 +536,15 @@ class LocalizerNode(Node):
             if result.refinement is not None:
                 self.stats.last['refine_inliers'] = result.refinement.inlier_fraction
             self.stats.confident.append(bool(result.confident))
-        if result.refinement is not None:
-            if result.refinement.accepted:
-                self.stats.count('refined')
-            else:  # the one-shot pose is published, as without a map
-                self._reject('not_refined', result.refinement.reason)
         if not result.confident:
             return self._reject('rejected', result.reason or 'not confident')
         invalid = is_valid_pose(T, cov)  # the Localizer checks this too; a NaN pose must never leave the node
         if invalid:
             return self._reject('rejected', invalid)
+        if self.localizer.place_map is not None:
+            self.stats.count(result.path)
         self._publish(msg.header, T, cov)
+        self._last_pose = (T, cov, _stamp_ns(msg.header.stamp), self._odom_cam(msg.header))
         t1 = time.perf_counter()
         age_ms = (self.get_clock().now().nanoseconds - _stamp_ns(msg.header.stamp)) / 1e6
         with self.stats.lock:
@@ -583,6 +593,28 @@ class LocalizerNode(Node):
             self._publish_tf(header, camera_frame, T)
         if self._relocalize.is_set():
             self._publish_initial_pose(header, camera_frame, T, cov)
+
+    def _odom_cam(self, header: Header) -> np.ndarray | None:
+        """T_odom_cam (4, 4) at the image stamp, where tf2 runs (publish_tf map_to_odom or base_frame) and has it."""
+        if self._tf_buffer is None or not header.frame_id:
+            return None
+        try:
+            return self._lookup(self.cfg['odom_frame'], header.frame_id, header.stamp)
+        except Exception:  # noqa: BLE001 - no odometry: the prior falls back to the last pose as it was
+            return None
+
+    def _prior_for(self, header: Header) -> tuple[np.ndarray, np.ndarray] | None:
+        """(T_map_cam, covariance) expected for this frame from the last published pose: moved by odometry when
+        tf2 has odom -> camera at both stamps, else as it was if at most prior_timeout s old; None otherwise."""
+        if self._last_pose is None or self.localizer.place_map is None:
+            return None
+        T, cov, stamp_ns, T_odom_cam_then = self._last_pose
+        if T_odom_cam_then is not None and (T_odom_cam := self._odom_cam(header)) is not None:
+            return T @ fr.invert_pose(T_odom_cam_then) @ T_odom_cam, cov + PRIOR_COVARIANCE
+        age_s = (_stamp_ns(header.stamp) - stamp_ns) / 1e9
+        if 0 <= age_s <= self.cfg['prior_timeout']:
+            return T, cov + PRIOR_COVARIANCE
+        return None
 
     def _lookup(self, target: str, source: str, stamp) -> np.ndarray:
         """T_target_source (4, 4) from tf2 at the image stamp, waiting at most tf_timeout. Raises on failure."""
@@ -654,8 +686,8 @@ class LocalizerNode(Node):
             'confident_fraction': f'{conf:.3f}',
             **({'frames_with_depth': counts['with_depth'], 'frames_without_depth': counts['without_depth'],
                 'last_reason_depth': reasons.get('without_depth', '')} if self.cfg['depth_topic'] else {}),
-            **({'frames_refined': counts['refined'], 'frames_not_refined': counts['not_refined'],
-                'last_reason_refine': reasons.get('not_refined', '')} if self.cfg['place_map'] else {}),
+            **({f'frames_{p}': counts[p] for p in ('refined', 'tracked', 'recovered')} if self.cfg['place_map']
+               else {}),
             **{k: f'{v:.4g}' for k, v in last.items()},
             **{f'last_reason_{c}': reasons.get(c, '') for c in CATEGORIES},
             'backend': lz.backend, 'device': lz.device, 'precision': lz.precision,

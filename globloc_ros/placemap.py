@@ -47,6 +47,7 @@ FEATURE_VOXEL_M, FEATURES_PER_VOXEL = 0.02, 1
 # parallax test there are mostly wrong matches close to the camera); a point is kept when it reprojects within
 # TRIANGULATION_ERROR_PX in both and the rays meet at MIN_PARALLAX_DEG or more (below, its depth is poorly fixed).
 PAIR_NEIGHBOURS, PAIR_MAX_ANGLE_DEG, TRIANGULATION_ERROR_PX, MIN_PARALLAX_DEG = 4, 40.0, 2.0, 2.0
+CONFIRM_VIEWS = 8  # frames searched for a third view of each triangulated point
 # ICP. Correspondence distance per iteration: coarse to fine, then up to 18 more at 5 cm until the update is below
 # 1e-6. A tighter last gate (2-3 cm) made real depth (SUN3D) converge less consistently from different starts.
 GATES_M = (0.2, 0.1, *[0.05] * 18)
@@ -74,10 +75,16 @@ MAX_RELATIVE_STD, MAX_ROTATION_STD_DEG = 0.01, 1.0
 # vector retrieves the RECOVERY_CANDIDATES keyframes that see what it sees; its features are matched to the map
 # features those keyframes see, PnP-RANSAC gives a pose, and refine_features (then ICP with depth) from that pose
 # decides, with the same covariance test as any refinement.
-KEYFRAME_STEP = (0.1, 10.0)
+KEYFRAME_STEP = (0.05, 5.0)
 VOCABULARY_WORDS, VOCABULARY_SAMPLE = 512, 40_000
 RECOVERY_CANDIDATES = 5
 RECOVERY_RANSAC_ITERATIONS = 1000
+# The published covariance adds a floor to what the residuals give: the map's points carry errors that do not average
+# out over many matches (a depth camera's scale and registration, the recorded poses, triangulation), a share of the
+# depth. Position std: FLOOR_RELATIVE x the median depth of the matched points (features) or depth points (ICP);
+# rotation std: FLOOR_ROTATION_DEG. The tests that accept a refinement use the residuals' covariance alone.
+FLOOR_RELATIVE = {'features': 0.02, 'icp': 0.01}
+FLOOR_ROTATION_DEG = 0.5
 # Result covariance order (x, y, z, roll, pitch, yaw) from the refinement parameters (rotation (3), translation (3)).
 _TO_ROS = np.array([3, 4, 5, 0, 1, 2])
 
@@ -214,7 +221,9 @@ def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
     with_sources: a third array (m, 2) int64, the (view, feature) index of each row, i.e. which pixel sees the point
     (training labels need it).
     Pairs: each frame with the PAIR_NEIGHBOURS farthest (camera centres) whose optical axes differ by at most
-    PAIR_MAX_ANGLE_DEG; matches: Hamming nearest neighbour with the ratio test."""
+    PAIR_MAX_ANGLE_DEG; matches: Hamming nearest neighbour with the ratio test; a point is kept when a third frame
+    confirms it (_confirmed): two views alone cannot tell a right match from a wrong one along the epipolar line,
+    which repeated structure (windows, tiles) gives in numbers."""
     points, descriptors, sources = [np.zeros((0, 3))], [np.zeros((0, 32), np.uint8)], [np.zeros((0, 2), np.int64)]
     if len(views) < 2:
         return (points[0], descriptors[0], sources[0])[:3 if with_sources else 2]
@@ -228,6 +237,12 @@ def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
         js = np.flatnonzero(similar[i])
         for j in js[np.argsort(-baseline[i, js])][:PAIR_NEIGHBOURS]:
             pairs.add((min(i, j), max(i, j)))
+    trees = [cKDTree(uv) if len(uv) else None for uv, *_ in views]
+
+    def third_views(i: int, j: int) -> np.ndarray:  # the nearest frames looking the same way as i or j
+        ks = np.flatnonzero((similar[i] | similar[j]) & (np.arange(len(views)) != i) & (np.arange(len(views)) != j))
+        return ks[np.argsort(baseline[i, ks] + baseline[j, ks])][:CONFIRM_VIEWS]
+
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     for i, j in sorted(pairs):
         (uv_i, des_i, K_i, T_i), (uv_j, des_j, K_j, T_j) = views[i], views[j]
@@ -249,11 +264,33 @@ def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
             r_i, r_j = X - T_i[:3, 3], X - T_j[:3, 3]
             cos = np.sum(r_i * r_j, 1) / (np.linalg.norm(r_i, axis=1) * np.linalg.norm(r_j, axis=1))
             ok &= cos <= np.cos(np.radians(MIN_PARALLAX_DEG))
+        ok[ok] = _confirmed(X[ok], des_i[a[ok]], des_j[b[ok]], views, trees, third_views(i, j))
         points += [X[ok], X[ok]]
         descriptors += [des_i[a[ok]], des_j[b[ok]]]
         sources += [np.column_stack([np.full(ok.sum(), i), a[ok]]), np.column_stack([np.full(ok.sum(), j), b[ok]])]
     out = np.concatenate(points), np.concatenate(descriptors), np.concatenate(sources).astype(np.int64)
     return out if with_sources else out[:2]
+
+
+def _confirmed(X: np.ndarray, des_a: np.ndarray, des_b: np.ndarray, views: list, trees: list,
+               others: np.ndarray) -> np.ndarray:
+    """(n,) bool: whether a frame in `others` (indices into views [(uv, descriptors, K, T_map_cam)], trees: cKDTree
+    of each uv) has a feature within TRIANGULATION_ERROR_PX of where the point X (n, 3) projects whose descriptor
+    is within MAX_HAMMING of the point's (des_a or des_b, (n, 32))."""
+    ok = np.zeros(len(X), bool)
+    for k in others:
+        uv_k, des_k, K_k, T_k = views[k]
+        if trees[k] is None or ok.all():
+            continue
+        uv, z = _project(X, T_k[:3, :3], T_k[:3, 3], K_k)
+        todo = np.flatnonzero(~ok & (z > 0) & np.isfinite(uv).all(1))
+        _, nn = trees[k].query(uv[todo], k=3, distance_upper_bound=TRIANGULATION_ERROR_PX)
+        for c in range(nn.shape[1]):
+            hit = nn[:, c] < len(uv_k)
+            rows, f = todo[hit], nn[hit, c]
+            d = np.minimum(np.bitwise_count(des_a[rows] ^ des_k[f]).sum(1), np.bitwise_count(des_b[rows] ^ des_k[f]).sum(1))
+            ok[rows[d <= MAX_HAMMING]] = True
+    return ok
 
 
 def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int = MAP_FEATURES,
@@ -456,6 +493,12 @@ def _correction(T0: np.ndarray, R: np.ndarray, c: np.ndarray) -> tuple[float, fl
     return float(np.linalg.norm(c - T0[:3, 3])), float(rotation_error_deg(R, T0[:3, :3]))
 
 
+def _with_floor(cov: np.ndarray, method: str, depth_m: float) -> np.ndarray:
+    """cov (6, 6) in the refinement parameters (rotation, translation) + the FLOOR_* variances at depth_m."""
+    floor = [np.radians(FLOOR_ROTATION_DEG) ** 2] * 3 + [(FLOOR_RELATIVE[method] * depth_m) ** 2] * 3
+    return cov + np.diag(floor)
+
+
 def _to_ros(cov: np.ndarray) -> np.ndarray:
     return cov[np.ix_(_TO_ROS, _TO_ROS)]
 
@@ -519,8 +562,8 @@ def refine_icp(place: PlaceMap, T_map_cam: np.ndarray, depth: np.ndarray, K: np.
                          f'{max_correction[1]:g} deg', **stats)
     sigma2 = rms ** 2 + place.voxel ** 2 / 12
     Vp, Vu = V[:, pinned], V[:, ~pinned]
-    cov = Vp @ np.diag(sigma2 / (len(res) * lam[pinned])) @ Vp.T
-    cov = cov + Vu @ Vu.T @ _from_ros(prior_covariance) @ Vu @ Vu.T
+    cov = _with_floor(Vp @ np.diag(sigma2 / (len(res) * lam[pinned])) @ Vp.T, 'icp', float(np.median(X[:, 2])))
+    cov = Vp @ Vp.T @ cov @ Vp @ Vp.T + Vu @ Vu.T @ _from_ros(prior_covariance) @ Vu @ Vu.T
     T = np.eye(4)
     T[:3, :3], T[:3, 3] = R, c
     return Refinement('icp', T, True, '', _to_ros(cov), **stats)
@@ -634,7 +677,7 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
                          f'(limits {MAX_RELATIVE_STD:.0%} of the depth, {MAX_ROTATION_STD_DEG:g} deg)', **stats)
     T = np.eye(4)
     T[:3, :3], T[:3, 3] = R, c
-    return Refinement('features', T, True, '', _to_ros(cov), **stats)
+    return Refinement('features', T, True, '', _to_ros(_with_floor(cov, 'features', depth_m)), **stats)
 
 
 # ------------------------------------------------------------------------------------------------ global recovery

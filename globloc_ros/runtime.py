@@ -41,7 +41,7 @@ import torch
 from globloc_ros import align as _align
 from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, scale_intrinsics
 from globloc_ros.net import with_measured_depth
-from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, refine
+from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, recover, refine
 
 # ------------------------------------------------------------------------------------------ metadata schema
 GRAPH_FORMAT = 'globloc-pose-graph'  # ONNX / TorchScript graphs of PoseGraph
@@ -74,6 +74,9 @@ class Result:
     measured_depth: fraction of the cells whose depth came from the measured depth (0 without one).
     refinement: the refinement against the place map (placemap.Refinement; T_map_cam and covariance above are its
     own when it was accepted), None when not attempted (no map, or a pose that was not confident).
+    path: how the pose came (PATHS): 'one-shot' (the network's pose, no map), 'refined' (against the map near the
+    one-shot pose), 'tracked' (near the prior: the last pose, moved by odometry), 'recovered' (global recovery
+    against the map), 'rejected' (no pose to publish: `reason` says why). T_one_shot (4, 4): the network's pose.
     """
     T_map_cam: np.ndarray
     residual: float
@@ -85,6 +88,11 @@ class Result:
     timings_ms: dict = field(default_factory=dict)
     measured_depth: float = 0.0
     refinement: Refinement | None = None
+    path: str = 'one-shot'
+    T_one_shot: np.ndarray | None = None
+
+
+PATHS = ('one-shot', 'refined', 'tracked', 'recovered', 'rejected')
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -565,14 +573,17 @@ class Localizer:
     residual <= max_residual_m. Raises LocalizerError (files, versions, unavailable backends) or ValueError
     (arguments).
     place_map: a map file (`globloc map`) or PlaceMap: confident poses are then refined against it (placemap.refine:
-    ICP with a depth image, else image features); None: the one-shot pose as is.
+    ICP with a depth image, else image features); when that is refused, or the one-shot pose is not confident, the
+    pose is tracked from a prior (localize's `prior`) or recovered globally (placemap.recover). None: the one-shot
+    pose as is. publish_unverified: with a map, whether a confident one-shot pose that no refinement verified is
+    still returned as confident (default False: with a map, only poses the map pins are published).
     """
 
     def __init__(self, model_path, backend: str = 'auto', device: str | None = None, threads: int | None = None,
                  max_residual_m: float = MAX_RESIDUAL_M, min_effective_points: float = MIN_EFFECTIVE_POINTS,
                  precision: str | None = None,
                  cache_dir: str | os.PathLike | None = None,
-                 place_map: str | os.PathLike | PlaceMap | None = None):
+                 place_map: str | os.PathLike | PlaceMap | None = None, publish_unverified: bool = False):
         if backend not in BACKENDS:
             raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
         if device not in (None, 'cpu', 'cuda'):
@@ -589,6 +600,7 @@ class Localizer:
         self.max_residual_m = float(max_residual_m)
         self.min_effective_points = float(min_effective_points)
         self.threads = threads
+        self.publish_unverified = bool(publish_unverified)
         ort_ok, ort_cuda = _ort_available()
         torch_cuda = torch.cuda.is_available()
         if device == 'cuda' and not (torch_cuda or ort_cuda):
@@ -679,10 +691,13 @@ class Localizer:
         self.precision = precision or 'fp32'
         self._tensor_device = 'cuda' if (device == 'cuda' and backend in ('torch', 'tensorrt')) else 'cpu'
 
-    def localize(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None) -> Result:
+    def localize(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None,
+                 prior: tuple[np.ndarray, np.ndarray] | None = None) -> Result:
         """image (H, W, 3) uint8 RGB at any size, K (3, 3) of that image -> Result.
         depth (H', W') float metres registered to the image (RGB-D; 0 or NaN where not measured), optional: where
         given, it replaces the depth head's depth in the alignment (preprocess_depth).
+        prior: (T_map_cam (4, 4), covariance (6, 6)) expected for this frame (a stream's last pose moved by
+        odometry), optional: with a map, refined from when the one-shot pose is not confident or not verified.
         Raises ValueError for a bad frame (dtype, shape, non-finite K, non-positive focal length, depth not
         float or not registered to the image)."""
         cuda = self._tensor_device == 'cuda'
@@ -698,12 +713,40 @@ class Localizer:
         confident, reason = gate(T, residual, n_eff, spread, self.max_residual_m, self.min_effective_points)
         cov = covariance(residual, n_eff, spread)
         timings = {'preprocess': _ms(t0, t1), **stages}
-        refinement = None
-        if self.place_map is not None and confident:
+        refinement, path, T_one_shot = None, 'one-shot' if confident else 'rejected', T
+        if self.place_map is not None:
             t2 = time.perf_counter()
-            refinement = refine(self.place_map, T, image, np.asarray(K, np.float64), depth, cov)
-            if refinement is not None:
+            refinement, path, why = self._against_map(T, cov, confident, image, np.asarray(K, np.float64), depth,
+                                                      prior)
+            if refinement is not None and refinement.accepted:
                 T, cov = refinement.T_map_cam, refinement.covariance
+            elif confident and not self.publish_unverified:
+                reason = f'not verified against the map: {why}'
+            elif not confident:
+                reason = f'{reason}; {why}'
             timings['refine'] = _ms(t2, time.perf_counter())
         timings['total'] = _ms(t0, time.perf_counter())
-        return Result(T, residual, n_eff, spread, confident, reason, cov, timings, measured, refinement)
+        return Result(T, residual, n_eff, spread, path != 'rejected', reason if path == 'rejected' else '', cov,
+                      timings, measured, refinement, path, T_one_shot)
+
+    def _against_map(self, T: np.ndarray, cov: np.ndarray, confident: bool, image: np.ndarray, K: np.ndarray,
+                     depth: np.ndarray | None, prior: tuple[np.ndarray, np.ndarray] | None
+                     ) -> tuple[Refinement | None, str, str]:
+        """(the deciding refinement or None, path, why nothing was accepted): refine near the one-shot pose when it
+        is confident, else near the prior, else recover globally."""
+        starts = ([('refined', T, cov)] if confident else []) + ([('tracked', *prior)] if prior is not None else [])
+        refinement, reasons = None, []
+        for path, T0, cov0 in starts:
+            refinement = refine(self.place_map, np.asarray(T0, np.float64), image, K, depth, np.asarray(cov0))
+            if refinement is None:
+                break  # the map has nothing this frame can be refined against
+            if refinement.accepted:
+                return refinement, path, ''
+            reasons.append(f'{path}: {refinement.reason}')
+        if refinement is not None or not starts:
+            refinement = recover(self.place_map, image, K, depth)
+            if refinement.accepted:
+                return refinement, 'recovered', ''
+            reasons.append(f'recovery: {refinement.reason}')
+        path = 'one-shot' if confident and self.publish_unverified else 'rejected'
+        return refinement, path, '; '.join(reasons) or 'the map has nothing to refine against'

@@ -710,7 +710,7 @@ class TestDepthMap:
         # loaded machine (seen once, with a training beside the suite).
         node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'depth_topic:={DEPTH_TOPIC}',
                                  '-p', f'place_map:={map_path}', '-p', 'depth_wait:=0.5', '-p', 'qos:=reliable',
-                                 '-p', 'diagnostics_period:=0.1', *PERMISSIVE], log)
+                                 '-p', 'diagnostics_period:=0.1', '-p', 'prior_timeout:=0.0', *PERMISSIVE], log)
         assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
         yield node
         assert node.stop() == 0, node.output()
@@ -732,31 +732,38 @@ class TestDepthMap:
         assert len(xyz) == msg.width == len(points) and np.array_equal(xyz, points)  # a small map goes out whole
 
     def test_published_poses_are_the_refined_ones(self, node, peer, setup, map_path):
+        """Each frame gives what the Localizer gives it offline (no prior: prior_timeout 0): a pose the map
+        verified (refined near the one-shot pose, or recovered), or nothing, counted as rejected."""
         from globloc_ros.runtime import Localizer
         lz = Localizer(setup['model'], place_map=map_path, max_residual_m=1e6, min_effective_points=0.0)
         refined = 0
         frames = setup['frames'][::3]
+        rejected_before = int(peer.fresh_diag()['frames_rejected'])
         for k, f in enumerate(frames):
             stamp = f.stamp_ns + 40_000_000_000
             with_depth = k % 3 != 2  # every third frame comes without its depth image
+            # what survives 16UC1
+            ref = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000 if with_depth else None)
             if with_depth:
                 peer.pub_depth.publish(depth_msg(f.depth, stamp))
             peer.send(f, stamp_ns=stamp)
+            if not ref.confident:
+                assert ref.path == 'rejected' and 'not verified against the map' in ref.reason
+                continue
             assert peer.wait(lambda: stamp in peer.poses and stamp in peer.poses_cov, 10), node.output()
-            # what survives 16UC1
-            ref = lz.localize(f.image, f.K, np.round(f.depth * 1000) / 1000 if with_depth else None)
-            assert ref.refinement.method == ('icp' if with_depth else 'features')
-            refined += ref.refinement.accepted
+            assert ref.path in ('refined', 'recovered') and ref.refinement.accepted
+            assert ref.refinement.method.startswith('recovery' if ref.path == 'recovered' else
+                                                    'icp' if with_depth else 'features')
+            refined += 1
             with peer.lock:
                 cov_msg = peer.poses_cov[stamp]
             assert_pose_close(pose_matrix(cov_msg.pose.pose), ref.T_map_cam)
             np.testing.assert_allclose(np.reshape(cov_msg.pose.covariance, (6, 6)), ref.covariance,
                                        rtol=1e-3, atol=1e-12)
         diag = peer.fresh_diag()
-        assert int(diag['frames_refined']) == refined and int(diag['frames_not_refined']) == len(frames) - refined
-        assert refined > 0 and 0 < float(diag['refine_inliers']) <= 1
-        if refined < len(frames):
-            assert diag['last_reason_refine']
+        paths = {p: int(diag[f'frames_{p}']) for p in ('refined', 'tracked', 'recovered')}
+        assert sum(paths.values()) == refined and refined > 0 and 0 < float(diag['refine_inliers']) <= 1
+        assert peer.wait(lambda: int(peer.diag['frames_rejected']) - rejected_before == len(frames) - refined, 10)
 
 
 # ------------------------------------------------------------------------------------------------ camera drivers

@@ -101,3 +101,27 @@ def test_cli_synth(tmp_path, capsys):
     seqs = bags.read_bags([tmp_path / 's'], label_fraction=0.01, progress=False)
     assert [len(s.frames) for s in seqs] == [3, 3, 3]
     assert seqs[0].frames[0].image.shape == (30, 40, 3) and len(seqs[0].frames[0].landmarks) == 12
+
+
+def test_detour_leaves_the_training_paths_for_a_stretch(tmp_path):
+    """--detour 0.5,50: in the middle of the held-out loop the cameras are decimetres and tens of degrees from
+    every training camera (the views a one-shot network has not seen), elsewhere the loop is unchanged."""
+    args = dict(seed=0, frames=60, sequences=3, size=(48, 36), progress=False)
+    scene = synth.generate(tmp_path / 'hard', detour_m_deg=(0.5, 50.0), **args)
+    assert scene['held_out_detour'] == {'metres': 0.5, 'degrees': 50.0, 'stretch': list(synth.DETOUR_STRETCH)}
+    synth.generate(tmp_path / 'plain', **args)
+    plain, hard = (bags.read_bags([tmp_path / name], progress=False) for name in ('plain', 'hard'))
+    train = np.array([f.T_map_cam for s in hard[:-1] for f in s.frames])
+    moved = []
+    for a, b in zip(plain[-1].frames, hard[-1].frames):
+        d = np.linalg.norm(train[:, :3, 3] - b.T_map_cam[:3, 3], axis=1)
+        angle = np.degrees(np.arccos(np.clip(train[:, :3, 2] @ b.T_map_cam[:3, 2], -1, 1)))
+        x = b.index / 60
+        if synth.DETOUR_STRETCH[0] + 0.1 < x < synth.DETOUR_STRETCH[1] - 0.1:  # the middle of the stretch
+            moved.append((d.min(), angle[np.argmin(d)]))
+        elif not synth.DETOUR_STRETCH[0] < x < synth.DETOUR_STRETCH[1]:
+            assert np.array_equal(a.T_map_cam, b.T_map_cam) and np.array_equal(a.image, b.image)
+    moved = np.array(moved)
+    assert len(moved) >= 8 and np.median(moved[:, 0]) > 0.35 and np.median(moved[:, 1]) > 25, moved
+    with pytest.raises(SystemExit):
+        cli.main(['synth', '--out', str(tmp_path / 'x'), '--detour', '0.5'])

@@ -16,6 +16,9 @@ SUBCOMMANDS = {
     'map': ('globloc.mapper', "build a map of the place from bags, to refine the node's poses against"),
     'eval': ('globloc.evaluate', 'evaluate a model on bags: JSON report and plots'),
     'compare': ('globloc.compare', 'this method vs ablation vs baselines, one table'),
+    'relocalize-compare': ('globloc.relocalize_compare',
+                           'relocalization on a query pass: globloc (one-shot, + map) beside SIFT + PnP-RANSAC, '
+                           'one table'),
     'export': ('globloc.export', 'export a model to ONNX, TorchScript or a TensorRT engine'),
     'bench': ('globloc.bench', 'latency benchmark of the runtime backends'),
     'node-bench': ('globloc.node_bench', 'end-to-end latency and frames/s of the ROS 2 node over DDS'),

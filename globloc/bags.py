@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import heapq
 import json
 import struct
 import sys
 import time
 import warnings
-from collections import Counter, defaultdict
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -163,6 +164,24 @@ class ReadReport:
 
 
 @dataclass
+class Track:
+    """What the relative-pose graph needs of one bag, without its images: seq, the sequence id; stamps_ns (N,)
+    int64 image stamps and T_map_cam (N, 4, 4) float64 of its frames in order; edges: its PoseGraphEdge
+    messages, None when it has no graph topic."""
+    path: Path
+    seq: int
+    stamps_ns: np.ndarray
+    T_map_cam: np.ndarray
+    edges: list[EdgeRecord] | None = None
+
+    @classmethod
+    def of_frames(cls, path, seq: int, frames: Iterable[Frame], edges: list[EdgeRecord] | None) -> Track:
+        frames = list(frames)
+        return cls(Path(path), seq, np.array([f.stamp_ns for f in frames], np.int64).reshape(-1),
+                   np.array([f.T_map_cam for f in frames], np.float64).reshape(-1, 4, 4), edges)
+
+
+@dataclass
 class Sequence:
     """The frames of one bag. edges: the bag's PoseGraphEdge messages, None when it has no graph topic."""
     path: Path
@@ -170,6 +189,10 @@ class Sequence:
     frames: list[Frame]
     report: ReadReport
     edges: list[EdgeRecord] | None = None
+
+    def track(self) -> Track:
+        """Its frames' stamps and poses (what the relative-pose graph needs)."""
+        return Track.of_frames(self.path, self.seq, self.frames, self.edges)
 
 
 @functools.cache
@@ -405,33 +428,267 @@ def subsample_labels(landmarks: np.ndarray, n: int, rng: np.random.Generator) ->
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def _nearest(sorted_stamps: np.ndarray, stamp: int, tolerance_ns: int) -> int | None:
-    """Index of the stamp nearest to `stamp` if within tolerance, else None."""
-    if sorted_stamps.size == 0:
+# How far apart in log time the messages of one frame may have been recorded (a driver's latency, a recorder's
+# queues): an image waits at most this long for its pose, CameraInfo, depth and landmarks, and a message is kept at
+# most twice this long for an image still to come. It bounds what the reader holds, whatever the bag's length.
+WINDOW_NS = 1_000_000_000
+PARTNERS = ('pose', 'camera_info', 'depth', 'landmarks')
+
+
+class _Held:
+    """Messages of one partner topic held for matching: (log time ns, header stamp ns, message), arrival order."""
+
+    def __init__(self, total: int):
+        self.items: deque[tuple[int, int, object]] = deque()
+        self.total = total  # messages the bag's index announces for the topic
+        self.seen = 0
+        self.latest: int | None = None  # the largest header stamp seen
+
+    def add(self, log_ns: int, stamp: int, msg) -> None:
+        self.items.append((log_ns, stamp, msg))
+        self.seen += 1
+        self.latest = stamp if self.latest is None else max(self.latest, stamp)
+
+    def passed(self, stamp: int, tolerance_ns: int) -> bool:
+        """No message still to come can lie within tolerance of `stamp` (each topic comes in stamp order)."""
+        return self.seen >= self.total or (self.latest is not None and self.latest > stamp + tolerance_ns)
+
+    def nearest(self, stamp: int, tolerance_ns: int):
+        """The held message whose header stamp is nearest to `stamp`, if within tolerance, else None."""
+        best, best_d = None, tolerance_ns + 1
+        for _, s, msg in self.items:
+            if abs(s - stamp) < best_d:
+                best, best_d = msg, abs(s - stamp)
+        return best
+
+    def prune(self, min_stamp: int, min_log_ns: int) -> None:
+        """Drop what no image to come can match: stamps below min_stamp, or recorded before min_log_ns."""
+        if any(s < min_stamp or t < min_log_ns for t, s, _ in self.items):
+            self.items = deque(x for x in self.items if x[1] >= min_stamp and x[0] >= min_log_ns)
+
+
+class BagReader:
+    """The frames of one bag (a rosbag2 folder, or an .mcap / .db3 file) as a stream.
+
+        reader = BagReader('data/scene/seq_00')   # opens the bag; BagError when a contract topic is missing
+        for frame in reader: ...                  # Frames in stamp order, decoded one at a time
+        reader.report, reader.edges               # complete once the frames are exhausted
+
+    Messages are read in log-time order. Each image is matched by header stamp to the nearest pose, CameraInfo
+    (or the bag's only one, latched), depth and landmarks within `tolerance_ns`, among the messages recorded
+    within `window_ns` of it; it is decoded and yielded as soon as no message still to come can be nearer (the
+    partner topics have moved past its stamp), or when it has waited `window_ns`. Messages are dropped once no
+    image to come can use them, so the reader holds about two windows of raw messages at most (`peak_held`
+    counts them), whatever the bag's length. An image whose stamp is not after the last one read (a duplicate, or
+    out of order by more than the window) is dropped and counted.
+
+    Arguments as read_sequence; iterate once. Stopping early (max_frames, or the caller breaking off) leaves the
+    report with what was read so far.
+    """
+
+    def __init__(self, path, seq: int = 0, topics: Topics = Topics(), size: tuple[int, int] | None = None,
+                 tolerance_ns: int = 1_000_000, label_fraction: float = 0.005, seed: int = 0,
+                 max_frames: int | None = None, progress: bool = True, window_ns: int = WINDOW_NS):
+        self.path, self.seq, self.topics, self.size = Path(path), seq, topics, size
+        self.tolerance_ns, self.window_ns = int(tolerance_ns), int(window_ns)
+        self.label_fraction, self.seed = check_label_fraction(label_fraction), seed
+        self.max_frames, self.progress = max_frames, progress
+        self.report = ReadReport(self.path)
+        self.peak_held = 0
+        self._started = False
+        self._src = _Messages(self.path, self.report)
+        try:
+            self._check_topics()
+        except BaseException:
+            self._src.close()
+            raise
+        self.edges: list[EdgeRecord] | None = [] if 'graph' in self._roles else None
+
+    def _check_topics(self) -> None:
+        path, topics, present = self.path, self.topics, self._src.topics
+        listing = ', '.join(f'{t} ({present[t]})' for t in sorted(present)) or 'none'
+        if self.report.truncated:
+            listing += ' (' + '; '.join(self.report.warnings) + ')'
+
+        def require(topic: str, what: str) -> None:
+            if topic not in present:
+                raise BagError(f'{path}: {what} topic {topic!r} not in bag; topics present: {listing}')
+
+        self.image_topic = topics.image if topics.image in present else topics.compressed
+        if self.image_topic not in present:
+            raise BagError(f'{path}: no image topic ({topics.image!r} or {topics.compressed!r}) in bag; '
+                           f'topics present: {listing}')
+        self.pose_topic = topics.odometry or topics.pose
+        require(self.pose_topic, 'odometry' if topics.odometry else 'pose')
+        require(topics.camera_info, 'camera_info')
+        self._wanted = {self.image_topic: 'image', self.pose_topic: 'pose', topics.camera_info: 'camera_info'}
+        for topic, role in ((topics.depth, 'depth'), (topics.landmarks, 'landmarks'), (topics.graph, 'graph')):
+            if topic in present:
+                self._wanted[topic] = role
+        self._roles = {role: topic for topic, role in self._wanted.items()}
+
+    def __iter__(self) -> Iterator[Frame]:
+        if self._started:
+            raise RuntimeError(f'{self.path}: a BagReader reads its bag once; open another')
+        self._started = True
+        src, report = self._src, self.report
+        self._counts: Counter = Counter()
+        self._unmatched: Counter = Counter()
+        self._missing: Counter = Counter()
+        self._sources: set[str] = set()
+        self._images: list = []  # heap of (stamp, arrival, log time, message)
+        self._held = {role: _Held(src.totals.get(self._roles[role], 0)) for role in PARTNERS if role in self._roles}
+        self._latched = self._latched_info()
+        self._last_stamp: int | None = None
+        self._n = 0
+        bar = tqdm(total=sum(src.totals.get(t, 0) for t in self._wanted), desc=self.path.name, unit='msg',
+                   disable=not self.progress, leave=False)
+        try:
+            yield from self._frames(bar)
+        finally:
+            bar.close()
+            src.close()
+            self._update_report()
+        for line in report.corrupt[:3] + report.warnings:
+            warnings.warn(line, stacklevel=2)
+        if self._n == 0:
+            why = '; '.join([*(f'{r}: {n}' for r, n in self._unmatched.items()), *report.corrupt[:3],
+                             *report.warnings])
+            raise BagError(f'{self.path}: no readable frames ({self._counts[self.image_topic]} images on '
+                           f'{self.image_topic}; {why or "empty"})')
+
+    def _frames(self, bar) -> Iterator[Frame]:
+        store, present = typestore(), self._src.topics
+        for k, (topic, log_ns, data) in enumerate(self._src.messages(set(self._wanted))):
+            bar.update(1)
+            self._counts[topic] += 1
+            try:
+                msg = store.deserialize_cdr(data, present[topic])
+            except Exception as e:  # noqa: BLE001 - any decoder failure means this one message is corrupt
+                self.report.corrupt.append(f'{self.path}: {topic} message at log time {_fmt_stamp(log_ns)} does '
+                                           f'not deserialise as {present[topic]} ({type(e).__name__}: {e})')
+                continue
+            role = self._wanted[topic]
+            if role == 'graph':
+                self.edges += _edge_records([(log_ns, msg)], self.path, topic, self.report)
+                continue
+            if role == 'image':
+                heapq.heappush(self._images, (_stamp(msg.header.stamp), k, log_ns, msg))
+            else:
+                self._held[role].add(log_ns, _stamp(msg.header.stamp), msg)
+            self.peak_held = max(self.peak_held, len(self._images) + sum(len(h.items) for h in self._held.values()))
+            for frame in self._ready(log_ns):
+                yield frame
+                if self.max_frames is not None and self._n >= self.max_frames:
+                    return
+            for h in self._held.values():
+                h.prune(-2**63, log_ns - 2 * self.window_ns)
+        for frame in self._ready(None):
+            yield frame
+            if self.max_frames is not None and self._n >= self.max_frames:
+                return
+
+    def _ready(self, now_ns: int | None) -> Iterator[Frame]:
+        """Frames of the held images that can be matched now (now_ns: log time of the last message read; None:
+        the bag has ended), in stamp order."""
+        tol = self.tolerance_ns
+        while self._images:
+            stamp, _, log_ns, msg = self._images[0]
+            if now_ns is not None and now_ns - log_ns <= self.window_ns and not all(
+                    h.passed(stamp, tol) for role, h in self._held.items()
+                    if not (role == 'camera_info' and self._latched is not None)):
+                return
+            heapq.heappop(self._images)
+            last = self._last_stamp
+            if last is not None and stamp <= last:
+                why = 'duplicate image stamp' if stamp == last else \
+                    f'image stamp before the last one read (out of order by more than {self.window_ns / 1e9:g} s)'
+                self._unmatched[why] += 1
+                continue
+            self._last_stamp = stamp
+            frame = self._match(stamp, msg)
+            for h in self._held.values():
+                h.prune(stamp - tol, -2**63)
+            if frame is not None:
+                yield frame
+
+    def _latched_info(self):
+        """The bag's CameraInfo when it has exactly one (latched, e.g. recorded once at the start), else None."""
+        topic = self.topics.camera_info
+        if self._src.totals.get(topic, 0) != 1:
+            return None
+        for _, _, data in self._src.messages({topic}):
+            try:
+                return typestore().deserialize_cdr(data, self._src.topics[topic])
+            except Exception:  # noqa: BLE001 - reported when the main pass reaches it
+                return None
         return None
-    i = int(np.searchsorted(sorted_stamps, stamp))
-    best = None
-    for k in (i - 1, i):
-        if 0 <= k < sorted_stamps.size and abs(int(sorted_stamps[k]) - stamp) <= tolerance_ns:
-            if best is None or abs(int(sorted_stamps[k]) - stamp) < abs(int(sorted_stamps[best]) - stamp):
-                best = k
-    return best
+
+    def _match(self, stamp: int, img_msg) -> Frame | None:
+        """The frame of one image, or None (counted in the report) when it lacks a pose or calibration or does
+        not decode."""
+        path, topics, tol, held = self.path, self.topics, self.tolerance_ns, self._held
+        where = f'{path}: {self.image_topic} at stamp {_fmt_stamp(stamp)}'
+        pose_msg = held['pose'].nearest(stamp, tol)
+        info = self._latched or held['camera_info'].nearest(stamp, tol)
+        if pose_msg is None:
+            self._unmatched[f'no {self.pose_topic} within {tol / 1e6:g} ms'] += 1
+            return None
+        if info is None:
+            self._unmatched[f'no {topics.camera_info} within {tol / 1e6:g} ms'] += 1
+            return None
+        try:
+            image = _decode_image(img_msg, where)
+            pose = pose_msg.pose.pose if self._src.topics[self.pose_topic].endswith('Odometry') else pose_msg.pose
+            T = _pose_of(pose, f'{path}: {self.pose_topic} at stamp {_fmt_stamp(_stamp(pose_msg.header.stamp))}')
+            depth = landmarks = None
+            if 'depth' in held:
+                depth_msg = held['depth'].nearest(stamp, tol)
+                if depth_msg is None:
+                    self._missing[topics.depth] += 1
+                else:
+                    dwhere = f'{path}: {topics.depth} at stamp {_fmt_stamp(stamp)}'
+                    depth = decode_depth(depth_msg, dwhere)
+                    if depth.shape != image.shape[:2]:
+                        raise BagError(f'{dwhere}: depth is {depth.shape[1]}x{depth.shape[0]} but the image '
+                                       f'is {image.shape[1]}x{image.shape[0]} (must be registered to it)')
+            if 'landmarks' in held:
+                lm_msg = held['landmarks'].nearest(stamp, tol)
+                if lm_msg is None:
+                    self._missing[topics.landmarks] += 1
+                else:
+                    landmarks = decode_landmarks(lm_msg, f'{path}: {topics.landmarks} at stamp {_fmt_stamp(stamp)}')
+        except ValueError as e:
+            self.report.corrupt.append(str(e))
+            return None
+        K = _intrinsics(info, f'{path}: {topics.camera_info} for image stamp {_fmt_stamp(stamp)}', image.shape[:2])
+        frame = Frame(seq=self.seq, index=self._n, stamp_ns=stamp, image=image, K=K, T_map_cam=T,
+                      depth=depth, landmarks=landmarks, frame_id=img_msg.header.frame_id)
+        if self.size is not None:
+            _resize(frame, self.size)
+        h, w = frame.image.shape[:2]
+        if frame.landmarks is not None:
+            frame.landmarks = subsample_labels(frame.landmarks, label_count(self.label_fraction, w, h),
+                                               label_rng(self.seed, stamp))
+            self._sources.add('landmarks')
+        elif frame.depth is not None:
+            frame.landmarks = labels_from_depth(frame.depth, frame.K, frame.T_map_cam, self.label_fraction,
+                                                label_rng(self.seed, stamp))
+            self._sources.add('depth')
+        self._n += 1
+        return frame
+
+    def _update_report(self) -> None:
+        r = self.report
+        r.counts = {t: self._counts.get(t, 0) for t in self._wanted}
+        r.matched, r.unmatched, r.missing = self._n, dict(self._unmatched), dict(self._missing)
+        r.labels = '+'.join(sorted(self._sources, reverse=True)) or 'none'
 
 
-class _ByStamp:
-    """Decoded messages of one topic, looked up by header stamp."""
-
-    def __init__(self, items: list[tuple[int, object]]):
-        items.sort(key=lambda x: x[0])
-        self.stamps = np.array([s for s, _ in items], dtype=np.int64)
-        self.msgs = [m for _, m in items]
-
-    def __len__(self) -> int:
-        return len(self.msgs)
-
-    def get(self, stamp: int, tolerance_ns: int):
-        k = _nearest(self.stamps, stamp, tolerance_ns)
-        return None if k is None else self.msgs[k]
+def iter_frames(path, **kwargs) -> Iterator[Frame]:
+    """The frames of one bag, streamed (BagReader; kwargs as read_sequence): for a long recording, where a list
+    of all its frames would not fit in memory. The report is BagReader's."""
+    yield from BagReader(path, **kwargs)
 
 
 def _resize(frame: Frame, size: tuple[int, int]) -> None:
@@ -455,145 +712,22 @@ def _resize(frame: Frame, size: tuple[int, int]) -> None:
 
 def read_sequence(path, seq: int = 0, topics: Topics = Topics(), size: tuple[int, int] | None = None,
                   tolerance_ns: int = 1_000_000, label_fraction: float = 0.005, seed: int = 0,
-                  max_frames: int | None = None, progress: bool = True) -> Sequence:
-    """Read one bag (a rosbag2 folder, or an .mcap / .db3 file) into a Sequence.
+                  max_frames: int | None = None, progress: bool = True, window_ns: int = WINDOW_NS) -> Sequence:
+    """Read one bag (a rosbag2 folder, or an .mcap / .db3 file) into a Sequence: all its frames in a list, for a
+    short bag (BagReader or iter_frames stream a long one).
 
     size: (W, H) to resize every frame to (K scaled with the pixel-centre rule, depth nearest, landmark
     u, v scaled), None keeps the stored size. label_fraction in (0, 1]: stored landmarks are subsampled
     to at most label_count(...) per frame; frames without landmarks but with depth get that many labels
-    drawn from depth. Both draws depend only on (seed, frame stamp). max_frames: keep the first N frames.
+    drawn from depth. Both draws depend only on (seed, frame stamp). max_frames: keep the first N frames (and
+    read no further). window_ns: see BagReader.
     Raises BagError (file, topic, stamp in the message) when the bag cannot be read as the contract.
     """
-    path = Path(path)
-    check_label_fraction(label_fraction)
-    store = typestore()
-    report = ReadReport(path)
-    src = _Messages(path, report)
-    try:
-        present = src.topics
-        listing = ', '.join(f'{t} ({present[t]})' for t in sorted(present)) or 'none'
-        if report.truncated:
-            listing += ' (' + '; '.join(report.warnings) + ')'
-
-        def require(topic: str, what: str) -> None:
-            if topic not in present:
-                raise BagError(f'{path}: {what} topic {topic!r} not in bag; topics present: {listing}')
-
-        image_topic = topics.image if topics.image in present else topics.compressed
-        if image_topic not in present:
-            raise BagError(f'{path}: no image topic ({topics.image!r} or {topics.compressed!r}) in bag; '
-                           f'topics present: {listing}')
-        pose_topic = topics.odometry or topics.pose
-        require(pose_topic, 'odometry' if topics.odometry else 'pose')
-        require(topics.camera_info, 'camera_info')
-        wanted = {image_topic: 'image', pose_topic: 'pose', topics.camera_info: 'camera_info'}
-        for topic, role in ((topics.depth, 'depth'), (topics.landmarks, 'landmarks'), (topics.graph, 'graph')):
-            if topic in present:
-                wanted[topic] = role
-        roles = set(wanted.values())
-
-        raw: dict[str, list] = defaultdict(list)
-        counts: Counter = Counter()
-        total = sum(src.totals.get(t, 0) for t in wanted)
-        bar = tqdm(total=total, desc=path.name, unit='msg', disable=not progress, leave=False)
-        for topic, log_ns, data in src.messages(set(wanted)):
-            bar.update(1)
-            counts[topic] += 1
-            msgtype = present[topic]
-            try:
-                msg = store.deserialize_cdr(data, msgtype)
-            except Exception as e:  # noqa: BLE001 - any decoder failure means this one message is corrupt
-                report.corrupt.append(f'{path}: {topic} message at log time {_fmt_stamp(log_ns)} does not '
-                                      f'deserialise as {msgtype} ({type(e).__name__}: {e})')
-                continue
-            stamp = log_ns if wanted[topic] == 'graph' else _stamp(msg.header.stamp)
-            raw[wanted[topic]].append((stamp, msg))
-        bar.close()
-        report.counts = {t: counts.get(t, 0) for t in wanted}
-
-        edges = None
-        if 'graph' in roles:
-            edges = _edge_records(raw.pop('graph', []), path, topics.graph, report)
-        images = sorted(raw['image'], key=lambda x: x[0])
-        poses, infos = _ByStamp(raw['pose']), _ByStamp(raw['camera_info'])
-        depths, lms = _ByStamp(raw['depth']), _ByStamp(raw['landmarks'])
-        latched_info = infos.msgs[0] if len(infos) == 1 else None
-
-        frames: list[Frame] = []
-        unmatched: Counter = Counter()
-        missing: Counter = Counter()
-        sources: set[str] = set()
-        previous = None
-        for stamp, img_msg in images:
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-            where = f'{path}: {image_topic} at stamp {_fmt_stamp(stamp)}'
-            if stamp == previous:
-                unmatched['duplicate image stamp'] += 1
-                continue
-            previous = stamp
-            pose_msg = poses.get(stamp, tolerance_ns)
-            info = latched_info or infos.get(stamp, tolerance_ns)
-            if pose_msg is None:
-                unmatched[f'no {pose_topic} within {tolerance_ns / 1e6:g} ms'] += 1
-                continue
-            if info is None:
-                unmatched[f'no {topics.camera_info} within {tolerance_ns / 1e6:g} ms'] += 1
-                continue
-            try:
-                image = _decode_image(img_msg, where)
-                pose = pose_msg.pose.pose if present[pose_topic].endswith('Odometry') else pose_msg.pose
-                T = _pose_of(pose, f'{path}: {pose_topic} at stamp {_fmt_stamp(_stamp(pose_msg.header.stamp))}')
-                depth = landmarks = None
-                if 'depth' in roles:
-                    depth_msg = depths.get(stamp, tolerance_ns)
-                    if depth_msg is None:
-                        missing[topics.depth] += 1
-                    else:
-                        dwhere = f'{path}: {topics.depth} at stamp {_fmt_stamp(stamp)}'
-                        depth = decode_depth(depth_msg, dwhere)
-                        if depth.shape != image.shape[:2]:
-                            raise BagError(f'{dwhere}: depth is {depth.shape[1]}x{depth.shape[0]} but the image '
-                                           f'is {image.shape[1]}x{image.shape[0]} (must be registered to it)')
-                if 'landmarks' in roles:
-                    lm_msg = lms.get(stamp, tolerance_ns)
-                    if lm_msg is None:
-                        missing[topics.landmarks] += 1
-                    else:
-                        landmarks = decode_landmarks(lm_msg, f'{path}: {topics.landmarks} at stamp '
-                                                             f'{_fmt_stamp(stamp)}')
-            except ValueError as e:
-                report.corrupt.append(str(e))
-                continue
-            K = _intrinsics(info, f'{path}: {topics.camera_info} for image stamp {_fmt_stamp(stamp)}',
-                            image.shape[:2])
-            frame = Frame(seq=seq, index=len(frames), stamp_ns=stamp, image=image, K=K, T_map_cam=T,
-                          depth=depth, landmarks=landmarks, frame_id=img_msg.header.frame_id)
-            if size is not None:
-                _resize(frame, size)
-            h, w = frame.image.shape[:2]
-            if frame.landmarks is not None:
-                frame.landmarks = subsample_labels(frame.landmarks, label_count(label_fraction, w, h),
-                                                   label_rng(seed, stamp))
-                sources.add('landmarks')
-            elif frame.depth is not None:
-                frame.landmarks = labels_from_depth(frame.depth, frame.K, frame.T_map_cam, label_fraction,
-                                                    label_rng(seed, stamp))
-                sources.add('depth')
-            frames.append(frame)
-    finally:
-        src.close()
-
-    report.matched = len(frames)
-    report.unmatched = dict(unmatched)
-    report.missing = dict(missing)
-    report.labels = '+'.join(sorted(sources, reverse=True)) or 'none'
-    for line in report.corrupt[:3] + report.warnings:
-        warnings.warn(line, stacklevel=2)
-    if not frames:
-        why = '; '.join([*(f'{r}: {n}' for r, n in unmatched.items()), *report.corrupt[:3], *report.warnings])
-        raise BagError(f'{path}: no readable frames ({len(images)} images on {image_topic}; {why or "empty"})')
-    return Sequence(path=path, seq=seq, frames=frames, report=report, edges=edges)
+    reader = BagReader(path, seq=seq, topics=topics, size=size, tolerance_ns=tolerance_ns,
+                       label_fraction=label_fraction, seed=seed, max_frames=max_frames, progress=progress,
+                       window_ns=window_ns)
+    frames = list(reader)
+    return Sequence(path=reader.path, seq=seq, frames=frames, report=reader.report, edges=reader.edges)
 
 
 def _edge_records(items: list, path: Path, topic: str, report: ReadReport) -> list[EdgeRecord]:
@@ -744,35 +878,75 @@ def _pose_msg(t, T: np.ndarray):
 
 
 # ---------------------------------------------------------------------------------------------- info, bench
-def scene_summary(sequences: list[Sequence]) -> dict:
-    """Counts and extents of sequences read by read_bags, as a JSON-friendly dict (what `globloc info` prints)."""
+class _BagSummary:
+    """What `globloc info` says about one bag, gathered frame by frame (no image is kept)."""
+
+    def __init__(self):
+        self.stamps: list[int] = []
+        self.poses: list[np.ndarray] = []
+        self.size, self.with_depth, self.labels, self.pixels = None, 0, 0, 0
+        self.lm_extent: list[np.ndarray] = []  # per frame, the corners of its landmarks' bounding box
+
+    def add(self, f: Frame) -> None:
+        h, w = f.image.shape[:2]
+        self.size = self.size or f'{w}x{h}'
+        self.with_depth += f.depth is not None
+        self.pixels += h * w
+        if f.landmarks is not None:
+            self.labels += len(f.landmarks)
+            pts = f.landmarks[np.all(np.isfinite(f.landmarks[:, :3]), axis=1), :3]
+            if len(pts):
+                self.lm_extent.append(np.stack([pts.min(0), pts.max(0)]))
+        self.stamps.append(f.stamp_ns)
+        self.poses.append(f.T_map_cam)
+
+    def track(self, path: Path, seq: int, edges: list[EdgeRecord] | None) -> Track:
+        return Track(Path(path), seq, np.array(self.stamps, np.int64), np.array(self.poses).reshape(-1, 4, 4), edges)
+
+    def entry(self, path: Path, seq: int, report: ReadReport) -> dict:
+        centres = np.array([T[:3, 3] for T in self.poses]).reshape(-1, 3)
+        stamps = self.stamps
+        return {'path': str(path), 'seq': seq, 'size': self.size, 'messages': report.counts,
+                'matched_frames': report.matched, 'dropped': report.unmatched, 'frames_without': report.missing,
+                'corrupt': len(report.corrupt), 'truncated': report.truncated, 'frames_with_depth': self.with_depth,
+                'labels': report.labels, 'label_fraction': self.labels / self.pixels,
+                'time_span_s': (max(stamps) - min(stamps)) / 1e9, 'camera_centres_bbox': _bbox(centres),
+                'landmarks_bbox': _bbox(np.concatenate(self.lm_extent or [np.zeros((0, 3))]))}
+
+
+def _scene(bags: list[tuple[dict, Track]]) -> dict:
     from globloc import graph  # graph imports this module
 
-    explicit = graph.edges_from_bags(sequences)
-    edges = explicit if explicit is not None else graph.derive_edges(sequences)
-    out = {'bags': [], 'edges_source': 'explicit' if explicit is not None else 'derived',
-           'edges': graph.edge_counts(edges)}
-    centres_all, points_all = [], []
+    tracks = [t for _, t in bags]
+    explicit = graph.edges_from_bags(tracks)
+    edges = explicit if explicit is not None else graph.derive_edges(tracks)
+    boxes = [np.array(b[k]) for b, _ in bags for k in ('landmarks_bbox',) if b[k] is not None]
+    return {'bags': [b for b, _ in bags], 'edges_source': 'explicit' if explicit is not None else 'derived',
+            'edges': graph.edge_counts(edges),
+            'camera_centres_bbox': _bbox(np.concatenate([t.T_map_cam[:, :3, 3] for t in tracks])),
+            'landmarks_bbox': _bbox(np.concatenate(boxes or [np.zeros((0, 3))]))}
+
+
+def scene_summary(sequences: list[Sequence]) -> dict:
+    """Counts and extents of sequences read by read_bags, as a JSON-friendly dict (what `globloc info` prints)."""
+    out = []
     for s in sequences:
-        centres = np.array([f.T_map_cam[:3, 3] for f in s.frames])
-        lms = [f.landmarks for f in s.frames if f.landmarks is not None]
-        points = np.concatenate(lms)[:, :3] if lms else np.zeros((0, 3))
-        pixels = sum(f.image.shape[0] * f.image.shape[1] for f in s.frames)
-        h, w = s.frames[0].image.shape[:2]
-        stamps = [f.stamp_ns for f in s.frames]
-        out['bags'].append({
-            'path': str(s.path), 'seq': s.seq, 'size': f'{w}x{h}', 'messages': s.report.counts,
-            'matched_frames': s.report.matched, 'dropped': s.report.unmatched, 'frames_without': s.report.missing,
-            'corrupt': len(s.report.corrupt), 'truncated': s.report.truncated,
-            'frames_with_depth': sum(f.depth is not None for f in s.frames),
-            'labels': s.report.labels, 'label_fraction': sum(len(x) for x in lms) / pixels,
-            'time_span_s': (max(stamps) - min(stamps)) / 1e9, 'camera_centres_bbox': _bbox(centres),
-            'landmarks_bbox': _bbox(points)})
-        centres_all.append(centres)
-        points_all.append(points)
-    out['camera_centres_bbox'] = _bbox(np.concatenate(centres_all))
-    out['landmarks_bbox'] = _bbox(np.concatenate(points_all))
-    return out
+        acc = _BagSummary()
+        for f in s.frames:
+            acc.add(f)
+        out.append((acc.entry(s.path, s.seq, s.report), s.track()))
+    return _scene(out)
+
+
+def summarise_bags(paths, **kwargs) -> dict:
+    """scene_summary of bags streamed (BagReader; kwargs as read_sequence): no bag is ever held in memory."""
+    out = []
+    for i, p in enumerate(bag_paths(paths)):
+        reader, acc = BagReader(p, seq=i, **kwargs), _BagSummary()
+        for f in reader:
+            acc.add(f)
+        out.append((acc.entry(reader.path, i, reader.report), acc.track(p, i, reader.edges)))
+    return _scene(out)
 
 
 def _bbox(points: np.ndarray) -> list | None:
@@ -801,13 +975,12 @@ def parse_size(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    sequences = read_bags(args.paths, size=args.size, label_fraction=args.label_fraction,
-                          tolerance_ns=int(args.tolerance_ms * 1e6), progress=sys.stderr.isatty())
-    summary = scene_summary(sequences)
+    summary = summarise_bags(args.paths, size=args.size, label_fraction=args.label_fraction,
+                             tolerance_ns=int(args.tolerance_ms * 1e6), progress=sys.stderr.isatty())
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    for s, b in zip(sequences, summary['bags']):
+    for b in summary['bags']:
         print(f'[{b["seq"]}] {b["path"]}  {b["size"]}  {b["matched_frames"]} frames over {b["time_span_s"]:.1f} s')
         print('    messages: ' + ', '.join(f'{t} {n}' for t, n in b['messages'].items()))
         if b['dropped'] or b['frames_without'] or b['corrupt'] or b['truncated']:

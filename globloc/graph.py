@@ -8,17 +8,20 @@ metres) and a 6x6 covariance in the order (x, y, z, rot x, rot y, rot z).
 - DISTANT edges join frames of different sequences, or of one sequence at least `distant_min_gap_frames`
   apart, whose camera centres lie within a radius and whose optical axes lie within an angle.
 
-Edges come either from the bags' graph topic (`edges_from_bags`) or from the poses (`derive_edges`).
+Edges come either from the bags' graph topic (`edges_from_bags`) or from the poses (`derive_edges`); both need
+only each bag's stamps and poses (a `bags.Track`), never its images, so a long recording's graph is built while
+its frames stream past.
 Deriving assumes that all sequences share one map frame: do not derive distant edges across bags
 with unrelated maps (e.g. the SUN3D fragments, or different Strecha scenes).
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from globloc.bags import EdgeRecord, Sequence
+from globloc.bags import EdgeRecord, Sequence, Track
 from globloc_ros import frames as fr
 
 ADJACENT, DISTANT = 0, 1
@@ -107,18 +110,25 @@ def derive_edges_from_poses(T_map_cam: np.ndarray, seq: np.ndarray, adjacent_k: 
     return edges
 
 
-def derive_edges(sequences: list[Sequence], adjacent_k: int = 3, distant_radius_m: float = 1.0,
+def as_tracks(sequences: Iterable[Sequence | Track]) -> list[Track]:
+    """Sequences (frames with images) or Tracks (poses alone) -> Tracks."""
+    return [s.track() if isinstance(s, Sequence) else s for s in sequences]
+
+
+def derive_edges(sequences: Iterable[Sequence | Track], adjacent_k: int = 3, distant_radius_m: float = 1.0,
                  distant_angle_deg: float = 30.0, distant_min_gap_frames: int = 30,
                  max_distant_per_frame: int = 8, seed: int = 0) -> list[Edge]:
-    """Adjacent and distant edges from the frames' T_map_cam (see derive_edges_from_poses)."""
-    frames = [f for s in sequences for f in s.frames]
-    T = np.stack([f.T_map_cam for f in frames]) if frames else np.zeros((0, 4, 4))
-    seq = np.array([s.seq for s in sequences for _ in s.frames], dtype=np.int64)
+    """Adjacent and distant edges from the frames' T_map_cam (see derive_edges_from_poses); poses alone
+    (Tracks) suffice."""
+    tracks = as_tracks(sequences)
+    T = np.concatenate([t.T_map_cam for t in tracks]) if tracks else np.zeros((0, 4, 4))
+    seq = np.concatenate([np.full(len(t.stamps_ns), t.seq, np.int64) for t in tracks]) if tracks else \
+        np.zeros(0, np.int64)
     return derive_edges_from_poses(T, seq, adjacent_k, distant_radius_m, distant_angle_deg,
                                    distant_min_gap_frames, max_distant_per_frame, seed)
 
 
-def edges_from_bags(sequences: list[Sequence]) -> list[Edge] | None:
+def edges_from_bags(sequences: Iterable[Sequence | Track]) -> list[Edge] | None:
     """Explicit edges from the bags' graph topic, matched to frames by (sequence id, image stamp).
 
     The sequence id is the one the recorder wrote (a bag's own edges start in its sequence), not the
@@ -127,17 +137,18 @@ def edges_from_bags(sequences: list[Sequence]) -> list[Edge] | None:
     None when no bag has the graph topic. Edges whose frames were not read (dropped, other sequences not
     loaded, max_frames) are left out; so are duplicates (the same (i, j, kind) written twice).
     """
-    if all(s.edges is None for s in sequences):
+    tracks = as_tracks(sequences)
+    if all(s.edges is None for s in tracks):
         return None
     index, g = {}, 0
-    for s in sequences:
+    for s in tracks:
         own = [e.seq_i for e in s.edges or ()]
         recorded_id = max(set(own), key=own.count) if own else s.seq
-        for f in s.frames:
-            index[(recorded_id, f.stamp_ns)] = g
+        for stamp in s.stamps_ns.tolist():
+            index[(recorded_id, stamp)] = g
             g += 1
     out, seen = [], set()
-    for s in sequences:
+    for s in tracks:
         for e in s.edges or ():
             i, j = index.get((e.seq_i, e.stamp_i_ns)), index.get((e.seq_j, e.stamp_j_ns))
             if i is None or j is None or (i, j, e.kind) in seen:

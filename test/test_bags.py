@@ -541,3 +541,127 @@ def test_renamed_topics_from_the_command_line(tiny_scene, tmp_path):
     for bad in (['pose'], ['posse=/x'], ['pose=relative']):
         with pytest.raises(ValueError, match='--topic'):
             bags.parse_topics(bad)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+def relog(src: Path, dst: Path, shift) -> Path:
+    """Copy bag src to dst with each message's log time moved by shift(topic, header stamp ns) ns (None: dropped);
+    header stamps stay. The reader sees the messages in the new log-time order."""
+    store = bags.typestore()
+    writer = Writer(dst, version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.open()
+    conns = {}
+    with Reader(src) as reader:
+        for conn, t, raw in reader.messages():
+            msg = store.deserialize_cdr(raw, conn.msgtype)
+            stamp = bags._stamp(msg.header.stamp) if hasattr(msg, 'header') else t
+            dt = shift(conn.topic, stamp)
+            if dt is None:
+                continue
+            if conn.topic not in conns:
+                conns[conn.topic] = writer.add_connection(conn.topic, conn.msgtype, typestore=store)
+            writer.write(conns[conn.topic], t + dt, raw)
+    writer.close()
+    return dst
+
+
+def test_reader_holds_a_bounded_window(tmp_path):
+    """The reader holds a few frames' raw messages whatever the bag's length: 20 or 120 frames, the same peak."""
+    frames = make_frames(1, size=(32, 24))
+    peaks = []
+    for n in (20, 120):
+        many = [Frame(seq=0, index=k, stamp_ns=STAMP0 + k * 100_000_000, image=frames[0].image, K=frames[0].K,
+                      T_map_cam=frames[0].T_map_cam, depth=frames[0].depth, landmarks=frames[0].landmarks)
+                for k in range(n)]
+        bags.write_sequence(tmp_path / f'b{n}', many)
+        reader = bags.BagReader(tmp_path / f'b{n}', progress=False)
+        assert sum(1 for _ in reader) == n == reader.report.matched
+        peaks.append(reader.peak_held)
+    # 5 topics per frame: the frame going out, the one before it (pruned next) and the one that lets it go
+    assert peaks[0] == peaks[1] <= 15, peaks
+    # Matching that never succeeds (the poses' stamps 1000 s behind the images') still holds only the window:
+    # each image waits window_ns (0.5 s of log time, 5 frames) for a pose, then is dropped and counted.
+
+    def behind(topic, msg, t):
+        if topic == '/globloc/gt_pose':
+            msg.header.stamp.sec -= 1000
+        return msg
+    reader = bags.BagReader(rewrite(tmp_path / 'b120', tmp_path / 'behind', behind), progress=False,
+                            window_ns=500_000_000)
+    with pytest.raises(BagError, match='no readable frames'):
+        list(reader)
+    assert reader.report.unmatched == {'no /globloc/gt_pose within 1 ms': 120}
+    assert reader.peak_held <= 7 * 5, reader.peak_held  # a window of frames, 5 topics each (of 600 messages)
+
+
+def test_messages_out_of_order_within_the_window_match(tiny_scene, tmp_path):
+    """Poses logged 0.3 s after their image, depth 0.2 s before it, landmarks 0.35 s after: the same frames as
+    the bag in order. Past the window, a pose comes too late and its image is dropped, counted."""
+    good = bags.read_sequence(seq0(tiny_scene), progress=False)
+    late = {'/globloc/gt_pose': 300_000_000, '/camera/depth/image_raw': -200_000_000,
+            '/globloc/landmarks': 350_000_000}
+    seq = bags.read_sequence(relog(seq0(tiny_scene), tmp_path / 'shuffled', lambda t, s: late.get(t, 0)),
+                             progress=False)
+    assert not seq.report.unmatched and not seq.report.missing and len(seq.frames) == len(good.frames)
+    for a, b in zip(good.frames, seq.frames):
+        assert a.stamp_ns == b.stamp_ns
+        np.testing.assert_array_equal(a.T_map_cam, b.T_map_cam)
+        np.testing.assert_array_equal(a.depth, b.depth)
+        np.testing.assert_array_equal(a.landmarks, b.landmarks)
+    stamps = [f.stamp_ns for f in good.frames]
+    slow = {stamps[5]: 3_000_000_000}  # one pose 3 s late: past the 1 s window
+    seq = bags.read_sequence(relog(seq0(tiny_scene), tmp_path / 'slow',
+                                   lambda t, s: slow.get(s, 0) if t == '/globloc/gt_pose' else 0), progress=False)
+    assert seq.report.unmatched == {'no /globloc/gt_pose within 1 ms': 1}
+    assert [f.stamp_ns for f in seq.frames] == stamps[:5] + stamps[6:]
+    assert [f.index for f in seq.frames] == list(range(23))
+
+
+def test_images_out_of_order_are_sorted_or_dropped(tiny_scene, tmp_path):
+    """Two images swapped in the log (within the window) come out in stamp order; one logged 3 s late (past the
+    window, after later images were read) is dropped and counted; a duplicate stamp is dropped and counted."""
+    stamps = [f.stamp_ns for f in bags.read_sequence(seq0(tiny_scene), progress=False).frames]
+    moved = {stamps[3]: 150_000_000, stamps[10]: 3_000_000_000}
+
+    def shift(topic, s):
+        return moved.get(s, 0) if topic == '/camera/image_raw' else 0
+    seq = bags.read_sequence(relog(seq0(tiny_scene), tmp_path / 'swapped', shift), progress=False)
+    assert [f.stamp_ns for f in seq.frames] == [s for s in stamps if s != stamps[10]]
+    assert seq.report.unmatched == {'image stamp before the last one read (out of order by more than 1 s)': 1}
+
+    store = bags.typestore()
+    writer = Writer(tmp_path / 'dup', version=9, storage_plugin=StoragePlugin.MCAP)
+    writer.open()
+    conns = {}
+    with Reader(seq0(tiny_scene)) as reader:
+        for conn, t, raw in reader.messages():
+            if conn.topic not in conns:
+                conns[conn.topic] = writer.add_connection(conn.topic, conn.msgtype, typestore=store)
+            for _ in range(2 if conn.topic == '/camera/image_raw' and t == stamps[7] else 1):
+                writer.write(conns[conn.topic], t, raw)
+    writer.close()
+    seq = bags.read_sequence(tmp_path / 'dup', progress=False)
+    assert seq.report.unmatched == {'duplicate image stamp': 1} and len(seq.frames) == 24
+
+
+def test_latched_camera_info_recorded_last(tmp_path):
+    """A bag's only CameraInfo applies to every image, even when it was recorded after all of them."""
+    frames = make_frames(4)
+    bags.write_sequence(tmp_path / 'once', frames, camera_info_once=True)
+    path = relog(tmp_path / 'once', tmp_path / 'last', lambda t, s: 10**10 if t == '/camera/camera_info' else 0)
+    seq = bags.read_sequence(path, progress=False)
+    assert len(seq.frames) == 4 and all(np.array_equal(f.K, frames[0].K) for f in seq.frames)
+
+
+def test_max_frames_stops_reading(tiny_scene):
+    reader = bags.BagReader(seq0(tiny_scene), max_frames=3, progress=False)
+    assert [f.index for f in reader] == [0, 1, 2]
+    assert reader.report.counts['/camera/image_raw'] < 10  # it stopped, not read to the end
+    assert len(list(bags.iter_frames(seq0(tiny_scene), progress=False))) == 24
+    with pytest.raises(RuntimeError, match='reads its bag once'):
+        list(reader)
+
+
+def test_info_streams_the_same_summary(tiny_scene):
+    seqs = bags.read_bags([tiny_scene], progress=False)
+    assert bags.summarise_bags([tiny_scene], progress=False) == bags.scene_summary(seqs)

@@ -17,7 +17,9 @@ rank take its slice of the same global batch.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -99,24 +101,50 @@ def parse_split(split: str) -> int:
     raise ValueError(f"a split must be 'all' or 'every:K' with K >= 1, got {split!r}")
 
 
+def holdout_every(holdout: str | None) -> int | None:
+    """--holdout 'every:K' -> K (>= 2): leave out the frames whose index is a multiple of K; None -> None."""
+    every = parse_split(holdout) if holdout else None
+    if every == 1:
+        raise ValueError(f'--holdout must be every:K with K >= 2, got {holdout!r}')
+    return every
+
+
+def training_bags(bag_args) -> list[Path]:
+    """Bag paths (folders, files, or a folder of bag folders); ValueError when there are none."""
+    paths = bg.bag_paths(bag_args)
+    if not paths:
+        raise ValueError(f'no bags found in {list(map(str, bag_args))}')
+    return paths
+
+
 def load_sequences(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
                    progress: bool = False, topics: bg.Topics = bg.Topics(),
                    holdout: str | None = None) -> list[bg.Sequence]:
     """Read bags (folders, files, or a folder of bag folders) at their stored size; clear errors for bad input.
-    holdout 'every:K': leave out the frames `globloc eval --split every:K` scores (index a multiple of K)."""
+    holdout 'every:K': leave out the frames `globloc eval --split every:K` scores (index a multiple of K).
+    All frames in memory: for a long recording, stream_bags."""
     bg.check_label_fraction(label_fraction)
-    every = parse_split(holdout) if holdout else None
-    if every == 1:
-        raise ValueError(f'--holdout must be every:K with K >= 2, got {holdout!r}')
-    paths = bg.bag_paths(bag_args)
-    if not paths:
-        raise ValueError(f'no bags found in {list(map(str, bag_args))}')
+    every = holdout_every(holdout)
     sequences = [bg.read_sequence(p, seq=i, topics=topics, label_fraction=label_fraction, seed=seed,
-                                  max_frames=max_frames, progress=progress) for i, p in enumerate(paths)]
+                                  max_frames=max_frames, progress=progress)
+                 for i, p in enumerate(training_bags(bag_args))]
     if every:
         for s in sequences:
             s.frames = [f for f in s.frames if f.index % every]
     return sequences
+
+
+def stream_bags(bag_args, label_fraction: float, seed: int = 0, max_frames: int | None = None,
+                progress: bool = False, topics: bg.Topics = bg.Topics(),
+                holdout: str | None = None) -> Iterator[tuple[bg.BagReader, Iterator[bg.Frame]]]:
+    """load_sequences as a stream: for each bag, its BagReader (report and edges complete once its frames are
+    exhausted) and its frames, the held-out ones left out; one frame in memory at a time."""
+    bg.check_label_fraction(label_fraction)
+    every = holdout_every(holdout)
+    for i, p in enumerate(training_bags(bag_args)):
+        reader = bg.BagReader(p, seq=i, topics=topics, label_fraction=label_fraction, seed=seed,
+                              max_frames=max_frames, progress=progress)
+        yield reader, (f for f in reader if not every or f.index % every)
 
 
 # Triangulated labels: ORB features per frame, twice the label budget (about a third come out as labels), at most

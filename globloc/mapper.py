@@ -14,6 +14,7 @@ import argparse
 import shlex
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -45,17 +46,26 @@ def run(a: argparse.Namespace) -> int:
         raise ValueError(f'--stride must be >= 1 and --features >= 0, got {a.stride} and {a.features}')
     topics = bg.parse_topics(a.topic)
     t0 = time.perf_counter()
-    # label_fraction: the map does not use labels; the smallest share keeps reading cheap
-    sequences = ds.load_sequences(a.bags, label_fraction=1e-9, progress=True, topics=topics, holdout=a.holdout)
-    frames = [f for s in sequences for f in s.frames]
-    views = (View(f.image, f.K, f.T_map_cam, f.depth) for f in tqdm(frames, desc='map', unit='frame'))
-    place = build_map(views, voxel=a.voxel, stride=a.stride, n_features=a.features,
-                      meta={'bags': [str(s.path) for s in sequences], 'frames': len(frames), 'holdout': a.holdout,
-                            'stride': a.stride, 'command': shlex.join(['globloc', *sys.argv[1:]])})
+    paths = ds.training_bags(a.bags)
+    bar = tqdm(desc='map', unit='frame')
+
+    def views() -> Iterator[View]:
+        """The bags' frames streamed one at a time (a long recording never sits in memory)."""
+        # label_fraction: the map does not use labels; the smallest share keeps reading cheap
+        for _, frames in ds.stream_bags(paths, label_fraction=1e-9, topics=topics, holdout=a.holdout):
+            for f in frames:
+                bar.update(1)
+                yield View(f.image, f.K, f.T_map_cam, f.depth)
+
+    place = build_map(views(), voxel=a.voxel, stride=a.stride, n_features=a.features,
+                      meta={'bags': [str(p) for p in paths], 'holdout': a.holdout, 'stride': a.stride,
+                            'command': shlex.join(['globloc', *sys.argv[1:]])})
+    bar.close()
+    place.meta['frames'] = bar.n
     save_map(place, out)
     extent = place.points if len(place.points) else place.feature_points
     print(f'{out}: {len(place.points)} surface points ({a.voxel * 100:g} cm voxels), {len(place.feature_points)} '
-          f'features, from {len(frames)} frames; extent '
+          f'features, from {bar.n} frames; extent '
           f'{" x ".join(f"{v:.1f}" for v in extent.max(0) - extent.min(0))} m, {out.stat().st_size / 1e6:.1f} MB, '
           f'{time.perf_counter() - t0:.0f} s')
     return 0

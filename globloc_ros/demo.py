@@ -219,7 +219,7 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
         'latency_p99_ms': diag.get('latency_receive_to_publish_p99_ms'),
         'localize_p50_ms': diag.get('localize_p50_ms'), 'localize_p99_ms': diag.get('localize_p99_ms'),
         'backend': diag.get('backend'), 'frames_with_depth': diag.get('frames_with_depth'),
-        'frames_refined': diag.get('frames_refined'),
+        **{f'frames_{p}': diag.get(f'frames_{p}') for p in ('refined', 'tracked', 'recovered')},
         'frames_per_s': _pose_rate(list(collector.received_at.values())),
         'diagnostics': diag,
     })
@@ -333,8 +333,11 @@ def _print_summary(s: dict, out: Path, wall_s: float, rate: float, depth: bool =
     rows = [
         ('frames', s['frames']), ('poses published', s['poses_published']),
         *([('localized with their depth image', s.get('frames_with_depth'))] if depth else []),
-        *([('refined against the map', s.get('frames_refined'))] if s.get('frames_refined') is not None else []),
-        ('rejected (not confident)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
+        *([('refined against the map (near the one-shot pose)', s.get('frames_refined')),
+           ('tracked (near the last pose)', s.get('frames_tracked')),
+           ('recovered (global search of the map)', s.get('frames_recovered'))]
+          if s.get('frames_refined') is not None else []),
+        ('rejected (not confident or not verified)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
         ('median translation error', fmt(s['median_translation_m'] * 100, '.2f') + ' cm'),
         ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),
         ('recall (5 cm, 5 deg)', fmt(s['recall_5cm_5deg'] * 100, '.1f') + ' %'),

@@ -22,9 +22,13 @@ def test_demo_pipeline_through_the_node(tiny_model, tmp_path, depth):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / 'demo_report.json').read_text())
     assert report['frames'] == 24
-    assert report['poses_published'] >= 12, report  # the tiny model rejects a few frames, not most
+    # Only poses the map verifies go out: the tiny model's are decimetres off, and the 160x120 images of the tiny
+    # scene give few features to refine with, so about half.
+    assert report['poses_published'] >= 6, report
     assert report['poses_published'] + int(report['rejected']) + int(report['dropped']) >= 22
-    assert report['median_translation_m'] < 1.0  # a few decimetres for this tiny model: localized, not random
+    assert report['poses_published'] == sum(int(report[f'frames_{p}']) for p in ('refined', 'tracked', 'recovered'))
+    assert 'recovered (global search of the map)' in proc.stdout
+    assert report['mean_translation_m_ok'] < 0.1, report  # what the map verified is centimetres off
     if depth:  # the replay sent each frame's depth image with it; each frame the node took (not dropped) used it
         assert int(report['frames_with_depth']) + int(report['dropped']) >= 22
         assert int(report['diagnostics']['frames_without_depth']) == 0

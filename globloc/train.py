@@ -152,6 +152,10 @@ def make_args(args: argparse.Namespace | dict | None = None, **kwargs) -> argpar
         raise ValueError('train needs bags and out')
     if isinstance(d['bags'], (str, os.PathLike)):
         d['bags'] = [d['bags']]
+    # --rgbd alone picks its recipe: with the recorded depth in the alignment, the pose and relative terms at
+    # weight 1 (models/README.md: 2.3 cm against 2.7 cm held out with the monocular weights)
+    d['w_pose'] = W_POSE[bool(d['rgbd'])] if d['w_pose'] is None else d['w_pose']
+    d['w_rel'] = W_REL[bool(d['rgbd'])] if d['w_rel'] is None else d['w_rel']
     return argparse.Namespace(**d)
 
 
@@ -391,10 +395,6 @@ def triangulation_summary(t: dict) -> str:
 def train(args: argparse.Namespace | dict | None = None, **kwargs) -> Path:
     """Train a model; returns the model file path. Same arguments as `globloc train` (dest names as kwargs)."""
     a = make_args(args, **kwargs)
-    # --rgbd alone picks its recipe: with the recorded depth in the alignment, the pose and relative terms at
-    # weight 1 (models/README.md: 2.3 cm against 2.7 cm held out with the monocular weights)
-    a.w_pose = W_POSE[bool(a.rgbd)] if a.w_pose is None else a.w_pose
-    a.w_rel = W_REL[bool(a.rgbd)] if a.w_rel is None else a.w_rel
     a.input_size = 'x'.join(map(str, ds.parse_size(a.input_size)))
     if a.backbone != 'mobilenet_v2':
         a.freeze = 0  # nothing pretrained to keep; the recipe says so

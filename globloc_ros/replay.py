@@ -3,8 +3,8 @@
     globloc-replay BAG... [--rate R | --rate-hz HZ | --fast] [--topics T ...] [--loop] [--duration S]
                           [--restamp] [--record TOPIC --out FILE.json]
 
-Messages are read raw with rosbags (globloc.bags finds the bags) and published as the serialized CDR
-they were recorded as, so no field-by-field conversion can change them; header stamps stay the
+Messages are read raw with rosbags (globloc.bags finds the bags), one at a time as they go out (a recording
+of any length plays in bounded memory), and published as the serialized CDR they were recorded as, so no field-by-field conversion can change them; header stamps stay the
 recorded ones unless --restamp. Timing follows the bags' log times times 1/R (--rate), or a fixed
 image rate (--rate-hz; the other topics, the depth image included, go out with their image), or no waiting at
 all (--fast).
@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import rclpy
@@ -79,23 +80,36 @@ def _stamp_format(raw: bytes) -> str:
     return '<iI' if raw[1] & 1 else '>iI'
 
 
-def read_bag(path: Path, topics: tuple[str, ...]) -> tuple[dict[str, str], list[tuple[str, int, bytes]]]:
-    """{topic: msgtype} of the chosen topics present in one bag, and its (topic, log time ns, raw CDR) list."""
+def bag_topics(path: Path, topics: tuple[str, ...]) -> dict[str, str]:
+    """{topic: msgtype} of the chosen topics present in one bag; ValueError naming the bag when none is."""
     from rosbags.rosbag2 import Reader
     from rosbags.rosbag2.errors import ReaderError
 
     try:
         with Reader(path) as reader:
             present = {c.topic: c.msgtype for c in reader.connections}
-            chosen = {t: present[t] for t in topics if t in present}
-            if not chosen:
-                raise ValueError(f'{path}: none of the topics {", ".join(topics)} is in the bag; topics present: '
-                                 + ', '.join(f'{t} ({m})' for t, m in sorted(present.items())))
-            conns = [c for c in reader.connections if c.topic in chosen]
-            msgs = [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages(connections=conns)]
     except (ReaderError, OSError, KeyError) as e:
         raise ValueError(f'{path}: not a readable rosbag2 bag ({type(e).__name__}: {e})') from e
-    return chosen, msgs
+    chosen = {t: present[t] for t in topics if t in present}
+    if not chosen:
+        raise ValueError(f'{path}: none of the topics {", ".join(topics)} is in the bag; topics present: '
+                         + ', '.join(f'{t} ({m})' for t, m in sorted(present.items())))
+    return chosen
+
+
+def bag_messages(path: Path, chosen: dict[str, str]) -> Iterator[tuple[str, int, bytes]]:
+    """(topic, log time ns, raw CDR) of the chosen topics of one bag in log-time order, read as they are
+    published: a recording of any length plays in the memory of a few messages."""
+    from rosbags.rosbag2 import Reader
+    from rosbags.rosbag2.errors import ReaderError
+
+    try:
+        with Reader(path) as reader:
+            conns = [c for c in reader.connections if c.topic in chosen]
+            for c, t, raw in reader.messages(connections=conns):
+                yield c.topic, t, bytes(raw)
+    except (ReaderError, OSError, KeyError) as e:
+        raise ValueError(f'{path}: not a readable rosbag2 bag ({type(e).__name__}: {e})') from e
 
 
 class Recorder:
@@ -132,9 +146,9 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
     """Publish the bags (see the module docstring); stop after duration_s seconds of publishing if given.
     Returns {'sent': [(stamp ns, wall ns), ...] of images, 'counts': {topic: n}, 'duration_s': seconds
     from the first message to the last}."""
-    loaded = [(p, *read_bag(p, topics)) for p in bags]
+    loaded = [(p, bag_topics(p, topics)) for p in bags]
     pubs, header_first = {}, {}
-    for _, chosen, _ in loaded:
+    for _, chosen in loaded:
         for topic, msgtype in chosen.items():
             if topic not in pubs:
                 cls = message_class(msgtype)
@@ -144,7 +158,7 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
         raise ValueError('--restamp needs messages that start with a header; not so for '
                          + ', '.join(t for t, h in header_first.items() if not h))
     # Camera images set the pace; a depth image (also a sensor_msgs/Image) goes out with its colour image.
-    image_topics = [t for _, chosen, _ in loaded for t, m in chosen.items() if m in IMAGE_TYPES and t != Topics.depth]
+    image_topics = [t for _, chosen in loaded for t, m in chosen.items() if m in IMAGE_TYPES and t != Topics.depth]
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline and not all(pubs[t].get_subscription_count() for t in image_topics):
         time.sleep(0.05)
@@ -160,14 +174,15 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
     start = time.monotonic()
     end = None if duration_s is None else start + duration_s
     while True:
-        for path, chosen, msgs in loaded:
-            if not msgs:
-                continue
-            t0_log, t0_wall, n_images, last_image_stamp = msgs[0][1], time.monotonic(), 0, None
+        for path, chosen in loaded:
+            t0_log, t0_wall, n_images, last_image_stamp = None, time.monotonic(), 0, None
             new_stamps.clear()  # a new pass (or loop) gets new stamps
+            msgs = bag_messages(path, chosen)
             for topic, log_ns, raw in msgs:
                 if not rclpy.ok() or (end is not None and time.monotonic() > end):  # SIGINT / SIGTERM / time
                     break
+                if t0_log is None:
+                    t0_log, t0_wall = log_ns, time.monotonic()
                 is_image = topic in image_topics
                 if rate is not None:
                     _sleep_until(t0_wall + (log_ns - t0_log) / 1e9 / rate)
@@ -193,6 +208,7 @@ def replay(node, bags: list[Path], topics: tuple[str, ...], rate: float | None, 
                     n_images += 1
                     last_image_stamp = cdr_stamp(raw)
                     sent.append((stamp, time.time_ns()))
+            msgs.close()
             if not rclpy.ok() or (end is not None and time.monotonic() > end):
                 break
         if not loop or not rclpy.ok() or (end is not None and time.monotonic() > end):

@@ -128,16 +128,17 @@ def _quat_wxyz_to_rotmat(q: torch.Tensor) -> torch.Tensor:
     ], -1).view(-1, 3, 3)
 
 
-def pose_covariance(residual: torch.Tensor, n_eff: torch.Tensor, spread: torch.Tensor,
-                    floor_m: float = 0.005) -> torch.Tensor:
+def pose_covariance(residual: torch.Tensor, spread: torch.Tensor, floor_m: float = 0.005) -> torch.Tensor:
     """A 6x6 covariance (x, y, z, roll, pitch, yaw order, as in PoseWithCovariance) per pose.
 
-    Isotropic approximation: each correspondence has noise sigma = residual (floored), so the
-    centroid, hence translation, has variance sigma^2 / n_eff, and a rotation about any axis is
-    pinned by points at distance ~spread: variance sigma^2 / (n_eff * spread^2) rad^2.
-    residual, n_eff, spread (B,) -> (B, 6, 6).
+    Isotropic: position std = the weighted RMS residual (floored), rotation std = residual / spread (rad). The
+    cells' errors are not independent (the depth head errs by one scale per frame, neighbouring cells share what
+    they see), so they do not average down with the number of cells: on the synthetic held-out pass the one-shot
+    position error is a median 1.4x and a 95th percentile 2.2x the residual, while residual / sqrt(n_eff), the
+    independent-noise figure, was 17x too small.
+    residual, spread (B,) metres -> (B, 6, 6).
     """
-    var_t = (residual.clamp(min=floor_m).square() / n_eff.clamp(min=1.0))
+    var_t = residual.clamp(min=floor_m).square()
     var_r = var_t / spread.clamp(min=1e-3).square()
     diag = torch.stack([var_t, var_t, var_t, var_r, var_r, var_r], -1)
     return torch.diag_embed(diag)

@@ -322,7 +322,7 @@ def covariance(residual: float, n_eff: float, spread: float) -> np.ndarray:
     if not (np.isfinite(residual) and np.isfinite(n_eff) and np.isfinite(spread)):
         return np.eye(6) * COVARIANCE_UNKNOWN
     t = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
-    return _align.pose_covariance(t(residual), t(n_eff), t(spread))[0].numpy()
+    return _align.pose_covariance(t(residual), t(spread))[0].numpy()
 
 
 # ------------------------------------------------------------------------------------------ backends

@@ -100,10 +100,11 @@ def test_nan_points_are_dropped_not_propagated():
 
 
 def test_covariance_grows_with_residual():
-    cov = pose_covariance(torch.tensor([0.01, 0.1]), torch.tensor([100.0, 100.0]), torch.tensor([1.0, 1.0]))
+    cov = pose_covariance(torch.tensor([0.01, 0.1]), torch.tensor([1.0, 2.0]))
     assert cov.shape == (2, 6, 6)
     assert (cov[1].diagonal() > cov[0].diagonal()).all()
     assert torch.all(cov[0] == torch.diag_embed(cov[0].diagonal()))
+    assert torch.allclose(cov[1].diagonal(), torch.tensor([0.01] * 3 + [0.0025] * 3))  # std 0.1 m, 0.1 / 2 rad
 
 
 class _HornModule(torch.nn.Module):

@@ -15,12 +15,15 @@ baseline's output for a posenet model) or 'pnp' (the scene coordinates through c
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import math
 import re
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -66,12 +69,56 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
 
 
+def stream_test_frames(bags, split: str = 'all', max_frames: int | None = None,
+                       topics: bg.Topics = bg.Topics()) -> Iterator[bg.Frame]:
+    """The test frames of bags (split 'all' or 'every:K'; the first max_frames of each bag), one at a time."""
+    every = ds.parse_split(split)
+    for i, p in enumerate(bg.bag_paths(bags)):
+        yield from (f for f in bg.iter_frames(p, seq=i, topics=topics, max_frames=max_frames, progress=False)
+                    if f.index % every == 0)
+
+
 def load_test_frames(bags, split: str = 'all', max_frames: int | None = None,
                      topics: bg.Topics = bg.Topics()) -> list[bg.Frame]:
-    every = ds.parse_split(split)
-    seqs = [bg.read_sequence(p, seq=i, topics=topics, max_frames=max_frames, progress=False)
-            for i, p in enumerate(bg.bag_paths(bags))]
-    return [f for s in seqs for f in s.frames if f.index % every == 0]
+    """stream_test_frames as a list (a few frames, used several times: compare, tests)."""
+    return list(stream_test_frames(bags, split, max_frames, topics))
+
+
+class TestFrames(Sequence):
+    """Test frames that are never all in memory (what `globloc eval` scores): the items are the frames without
+    their pixels (image, depth and landmarks None; pose, stamp and ids kept), from one pass over the bags;
+    `stream()` reads the bags again and yields the same frames with their pixels. size: (W, H) of the first
+    frame; without_depth: how many have no recorded depth."""
+    __test__ = False  # not a pytest class
+
+    def __init__(self, bags, split: str = 'all', max_frames: int | None = None, topics: bg.Topics = bg.Topics()):
+        self._args = (bags, split, max_frames, topics)
+        self.size: tuple[int, int] | None = None
+        self.without_depth = 0
+        self._light: list[bg.Frame] = []
+        for f in self.stream():
+            self.size = self.size or (f.image.shape[1], f.image.shape[0])
+            self.without_depth += f.depth is None
+            self._light.append(dataclasses.replace(f, image=None, depth=None, landmarks=None))
+
+    def stream(self) -> Iterator[bg.Frame]:
+        return stream_test_frames(*self._args)
+
+    def __len__(self) -> int:
+        return len(self._light)
+
+    def __getitem__(self, k):
+        return self._light[k]
+
+
+def with_pixels(frames: Sequence[bg.Frame]) -> Iterable[bg.Frame]:
+    """The frames with their images and depth: TestFrames read again from the bags, a list as it is."""
+    return frames.stream() if isinstance(frames, TestFrames) else frames
+
+
+def recorded_size(frames: Sequence[bg.Frame]) -> tuple[int, int]:
+    """(W, H) of the first frame."""
+    return frames.size if isinstance(frames, TestFrames) else frames[0].image.shape[1::-1]
 
 
 class _DirectLocalizer:
@@ -130,7 +177,7 @@ class _RuntimeLocalizer:
         return np.asarray(r.T_map_cam, np.float64), bool(r.confident), extra
 
 
-def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', method: str = 'align',
+def localize_frames(model_path, frames: Sequence[bg.Frame], backend: str = 'torch', method: str = 'align',
                     warmup: int = 3, depth: bool = False, place_map=None, sequential: bool = False):
     """Localise each frame (depth: with its recorded depth, RGB-D; place_map: refined against that map file).
     sequential: as the node does on a stream, the last published pose of the same sequence is the next frame's
@@ -144,12 +191,15 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
         raise ValueError(f"{'--depth' if depth else '--map'} needs a scene-coordinate model run by the Localizer "
                          f'(--backend torch, onnxruntime or auto, --method align); got a {arch} model, backend '
                          f'{backend}, method {method}')
-    if depth and (missing := sum(f.depth is None for f in frames)):
+    missing = frames.without_depth if isinstance(frames, TestFrames) else sum(f.depth is None for f in frames)
+    if depth and missing:
         raise ValueError(f'--depth: {missing} of {len(frames)} test frames have no recorded depth')
     loc = (_DirectLocalizer(model_path, method) if backend == 'direct'
            else _RuntimeLocalizer(model_path, backend, place_map))
     args = (lambda f: (f.image, f.K, f.depth)) if depth else (lambda f: (f.image, f.K))
-    for f in frames[:warmup]:  # first calls allocate; keep them out of the timing
+    stream = iter(with_pixels(frames))
+    first = list(itertools.islice(stream, warmup))
+    for f in first:  # first calls allocate; keep them out of the timing
         loc(*args(f))
     T_est = np.zeros((len(frames), 4, 4))
     ok = np.zeros(len(frames), bool)
@@ -157,10 +207,12 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     extras = []
     if sequential and backend == 'direct':
         raise ValueError('--sequential needs the Localizer (--backend torch, onnxruntime or auto)')
-    for k, f in enumerate(frames):
+    previous_seq = None
+    for k, f in enumerate(itertools.chain(first, stream)):
         if backend != 'direct':
-            loc.prior = None if not sequential or k == 0 or frames[k - 1].seq != f.seq or not ok[k - 1] \
+            loc.prior = None if not sequential or k == 0 or previous_seq != f.seq or not ok[k - 1] \
                 else (T_est[k - 1], SEQUENTIAL_PRIOR_COVARIANCE)
+        previous_seq = f.seq
         t0 = time.perf_counter()
         T, conf, extra = loc(*args(f))
         times[k] = (time.perf_counter() - t0) * 1e3
@@ -170,7 +222,7 @@ def localize_frames(model_path, frames: list[bg.Frame], backend: str = 'torch', 
     return T_est, ok, times, extras, meta, backend
 
 
-def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
+def head_errors(model_path, frames: Sequence[bg.Frame]) -> dict | None:
     """Where a scene-coordinate model's pose error comes from, on frames with recorded depth (None otherwise, and
     for regression models): medians over frames of the per-cell |depth - recorded depth| (m) and
     ||scene coordinate - recorded point|| (m, the recorded depth back-projected with the ground-truth pose), and
@@ -180,11 +232,10 @@ def head_errors(model_path, frames: list[bg.Frame]) -> dict | None:
     net, _ = bl.load_any_model(model_path)
     if bl.model_arch(net.config) != 'globloc':
         return None
-    frames = [f for f in frames if f.depth is not None]
-    if not frames:
-        return None
     stride, depth_err, scene_err, T_rec, T_gt = net.config.stride, [], [], [], []
-    for f in frames:
+    for f in with_pixels(frames):
+        if f.depth is None:
+            continue
         img, K, sx, sy = ds.resize_frame(f.image, f.K, net.config.input_size)
         x = torch.from_numpy(img).permute(2, 0, 1)[None].float()
         Kt = torch.from_numpy(K).float()[None]
@@ -240,7 +291,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
              topics: bg.Topics = bg.Topics(), depth: bool = False, place_map=None, sequential: bool = False) -> dict:
     """Evaluate a model file on bags (or on already-read `frames`); returns the report dict (see module doc).
     depth: RGB-D, the Localizer gets each frame's recorded depth; place_map: a map file to refine against."""
-    frames = frames if frames is not None else load_test_frames(bags, split, max_frames, topics)
+    frames = frames if frames is not None else TestFrames(bags, split, max_frames, topics)
     if not frames:
         raise ValueError(f'no test frames in {bags} (split {split})')
     T_gt = np.stack([f.T_map_cam for f in frames])
@@ -251,7 +302,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     if seen:
         warnings.warn(f'{seen} of the {len(frames)} test frames were training frames of {model_path} (same bag, not '
                       f'left out by its --holdout): these figures are not held-out accuracy')
-    h, w = frames[0].image.shape[:2]
+    w, h = recorded_size(frames)
     report = {
         'model': str(model_path), 'bags': [str(b) for b in (bags or [])], 'split': split,
         'backend': backend, 'method': method, 'depth_input': depth, 'place_map': place_map and str(place_map),

@@ -223,3 +223,20 @@ def test_compare_writes_one_table(tiny_scene, tmp_path):
     # The posenet model is a model file of its own kind, loadable by the baseline loader.
     net, meta = bl.load_any_model(tmp_path / 'cmp' / 'models' / 'posenet_s0.pt')
     assert isinstance(net, bl.PoseNetBaseline) and meta['arch'] == 'posenet'
+
+
+def test_eval_streams_the_test_frames(tiny_model):
+    """`globloc eval` reads the bags as a stream (TestFrames: frames without pixels, read again for each pass)
+    and reports what it reports for the same frames held in a list."""
+    model, scene = tiny_model
+    bag = [scene / 'seq_02']
+    streamed = ev.TestFrames(bag, 'every:6')
+    listed = ev.load_test_frames(bag, 'every:6')
+    assert len(streamed) == len(listed) == 4 and streamed.size == (160, 120) and streamed.without_depth == 0
+    assert all(f.image is None and f.depth is None for f in streamed)
+    assert [f.stamp_ns for f in streamed.stream()] == [f.stamp_ns for f in listed]
+    a, b = ev.evaluate(model, bag, split='every:6'), ev.evaluate(model, None, frames=listed)
+    for key in ('frames', 'median_translation_m', 'recall_10cm_10deg', 'heads', 'recorded_size'):
+        assert a[key] == b[key], key
+    assert [f['ungated_translation_error_m'] for f in a['per_frame']] == \
+        [f['ungated_translation_error_m'] for f in b['per_frame']]

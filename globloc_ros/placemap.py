@@ -382,12 +382,6 @@ def _moved(T0: np.ndarray, T1: np.ndarray, step: tuple[float, float]) -> bool:
     return bool(np.linalg.norm(T1[:3, 3] - T0[:3, 3]) >= step[0] or rotation_error_deg(T1[:3, :3], T0[:3, :3]) >= step[1])
 
 
-def _hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """ORB descriptors a (n, 32), b (m, 32) uint8 -> (n, m) int32 Hamming distances."""
-    a64, b64 = np.ascontiguousarray(a).view(np.uint64), np.ascontiguousarray(b).view(np.uint64)
-    return np.bitwise_count(a64[:, None, :] ^ b64[None]).sum(-1, dtype=np.int32)
-
-
 def learn_vocabulary(descriptors: list[np.ndarray], words: int = VOCABULARY_WORDS,
                      sample: int = VOCABULARY_SAMPLE) -> np.ndarray:
     """A flat ORB vocabulary: k-means (Euclidean on the 256 bits, i.e. Hamming) of at most `sample` of the
@@ -409,10 +403,9 @@ def learn_vocabulary(descriptors: list[np.ndarray], words: int = VOCABULARY_WORD
 
 def assign_words(descriptors: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     """(n, 32) uint8 descriptors -> (n,) index of the nearest word (Hamming)."""
-    if not len(descriptors):
-        return np.zeros(0, int)
-    return np.concatenate([_hamming(c, vocabulary).argmin(1) for c in np.array_split(
-        descriptors, max(1, len(descriptors) // 512))])
+    if not len(descriptors) or not len(vocabulary):
+        return np.zeros(len(descriptors), int)
+    return np.array([m.trainIdx for m in cv2.BFMatcher(cv2.NORM_HAMMING).match(descriptors, vocabulary)])
 
 
 def bow_vector(descriptors: np.ndarray, vocabulary: np.ndarray, idf: np.ndarray) -> np.ndarray:
@@ -591,8 +584,14 @@ def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: t
     pairs = cKDTree(uv[seen]).sparse_distance_matrix(cKDTree(uv_query), radius, output_type='ndarray')
     if not len(pairs):
         return np.zeros(0, int), np.zeros(0, int)
-    m, q = seen[pairs['i']], pairs['j'].astype(int)
-    dist = np.bitwise_count(place.descriptors[m].view(np.uint64) ^ des_query.view(np.uint64)[q]).sum(1, dtype=np.int32)
+    return _best_matches(place.descriptors, des_query, seen[pairs['i']], pairs['j'].astype(int))
+
+
+def _best_matches(des_map: np.ndarray, des_query: np.ndarray, m: np.ndarray, q: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate pairs (map index m (k,), query index q (k,)) -> each query feature's best map feature by Hamming
+    distance, kept if <= MAX_HAMMING and < RATIO x its second best: (map index (j,), query index (j,))."""
+    dist = np.bitwise_count(des_map[m].view(np.uint64) ^ des_query.view(np.uint64)[q]).sum(1, dtype=np.int32)
     n = len(des_query)
     best = np.full(n, 256, np.int32)
     np.minimum.at(best, q, dist)
@@ -681,6 +680,23 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
 
 
 # ------------------------------------------------------------------------------------------------ global recovery
+def _pnp_ransac(obj: np.ndarray, img: np.ndarray, K: np.ndarray, error_px: float
+                ) -> tuple[np.ndarray | None, np.ndarray]:
+    """P3P-RANSAC of map points obj (n, 3) seen at pixels img (n, 2) -> (T_map_cam (4, 4) or None when fewer than
+    MIN_PNP_INLIERS agree, inlier indices (k,))."""
+    if len(obj) < MIN_PNP_INLIERS:
+        return None, np.zeros(0, int)
+    ok, rvec, tvec, inl = cv2.solvePnPRansac(obj, img, K, None, iterationsCount=RECOVERY_RANSAC_ITERATIONS,
+                                             reprojectionError=error_px, confidence=0.999, flags=cv2.SOLVEPNP_AP3P)
+    inl = np.zeros(0, int) if inl is None else inl.ravel()
+    if not ok or len(inl) < MIN_PNP_INLIERS:
+        return None, inl
+    Rcw = cv2.Rodrigues(rvec)[0]
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = Rcw.T, (-Rcw.T @ tvec).ravel()
+    return T, inl
+
+
 def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
             candidates: int = RECOVERY_CANDIDATES) -> Refinement:
     """A pose from the image alone (and its depth), wherever the camera is in the mapped place.
@@ -711,21 +727,16 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
     cand = np.flatnonzero(seen)
     if len(cand) < MIN_PNP_INLIERS:
         return fail(f'{len(cand)} map features in the {len(top)} retrieved keyframes < {MIN_PNP_INLIERS}')
-    pairs = [m for m in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(m) == 2]
+    pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(p) == 2]
     good = [a for a, b in pairs if a.distance <= MAX_HAMMING and a.distance < RATIO * b.distance]
-    if len(good) < MIN_PNP_INLIERS:
-        return fail(f'{len(good)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(good))
-    obj = place.feature_points[cand[[m.trainIdx for m in good]]].astype(np.float64)
-    img = uv[[m.queryIdx for m in good]].astype(np.float64)
-    ok, rvec, tvec, inl = cv2.solvePnPRansac(obj, img, K, None, iterationsCount=RECOVERY_RANSAC_ITERATIONS,
-                                             reprojectionError=PNP_ERROR_PX * scale, confidence=0.999,
-                                             flags=cv2.SOLVEPNP_AP3P)
-    if not ok or inl is None or len(inl) < MIN_PNP_INLIERS:
-        return fail(f'{0 if inl is None else len(inl)} PnP inliers of {len(good)} matches < {MIN_PNP_INLIERS}',
-                    points=len(good))
-    Rcw = cv2.Rodrigues(rvec)[0]
-    T = np.eye(4)
-    T[:3, :3], T[:3, 3] = Rcw.T, (-Rcw.T @ tvec).ravel()
+    m, q = cand[[a.trainIdx for a in good]], np.array([a.queryIdx for a in good], int)
+    if len(m) < MIN_PNP_INLIERS:
+        return fail(f'{len(m)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(m))
+    obj = place.feature_points[m].astype(np.float64)
+    img = uv[q].astype(np.float64)
+    T, inl = _pnp_ransac(obj, img, K, PNP_ERROR_PX * scale)
+    if T is None:
+        return fail(f'{len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}', points=len(m))
     # The RANSAC pose is a start, not a prior: how far the verification moves it is not a test here.
     r = refine_features(place, T, image, K, unknown, max_correction=(np.inf, 180.0), features=(uv, des))
     r.method = 'recovery'

@@ -44,6 +44,7 @@ from rosbags.rosbag2.storage_mcap import decompress, read_sized, read_string
 from rosbags.typesys import Stores, get_types_from_msg, get_typestore
 from tqdm import tqdm
 
+from globloc import graph
 from globloc_ros import frames as fr
 from globloc_ros import imgmsg
 
@@ -504,6 +505,11 @@ class BagReader:
             raise
         self.edges: list[EdgeRecord] | None = [] if 'graph' in self._roles else None
 
+    @property
+    def expected_images(self) -> int:
+        """How many images the bag's index announces (frames come out fewer when some do not match)."""
+        return int(self._src.totals.get(self.image_topic, 0))
+
     def _check_topics(self) -> None:
         path, topics, present = self.path, self.topics, self._src.topics
         listing = ', '.join(f'{t} ({present[t]})' for t in sorted(present)) or 'none'
@@ -915,8 +921,6 @@ class _BagSummary:
 
 
 def _scene(bags: list[tuple[dict, Track]]) -> dict:
-    from globloc import graph  # graph imports this module
-
     tracks = [t for _, t in bags]
     explicit = graph.edges_from_bags(tracks)
     edges = explicit if explicit is not None else graph.derive_edges(tracks)

@@ -10,7 +10,8 @@ metres) and a 6x6 covariance in the order (x, y, z, rot x, rot y, rot z).
 
 Edges come either from the bags' graph topic (`edges_from_bags`) or from the poses (`derive_edges`); both need
 only each bag's stamps and poses (a `bags.Track`), never its images, so a long recording's graph is built while
-its frames stream past.
+its frames stream past. The bag layer imports this module, not the reverse: bags.Sequence and bags.Track are
+taken as they come (their seq, stamps_ns, T_map_cam, edges; a Sequence's track()).
 Deriving assumes that all sequences share one map frame: do not derive distant edges across bags
 with unrelated maps (e.g. the SUN3D fragments, or different Strecha scenes).
 """
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from globloc.bags import EdgeRecord, Sequence, Track
 from globloc_ros import frames as fr
 
 ADJACENT, DISTANT = 0, 1
@@ -110,12 +110,12 @@ def derive_edges_from_poses(T_map_cam: np.ndarray, seq: np.ndarray, adjacent_k: 
     return edges
 
 
-def as_tracks(sequences: Iterable[Sequence | Track]) -> list[Track]:
+def as_tracks(sequences: Iterable[bags.Sequence | bags.Track]) -> list[bags.Track]:
     """Sequences (frames with images) or Tracks (poses alone) -> Tracks."""
-    return [s.track() if isinstance(s, Sequence) else s for s in sequences]
+    return [s.track() if hasattr(s, 'track') else s for s in sequences]
 
 
-def derive_edges(sequences: Iterable[Sequence | Track], adjacent_k: int = 3, distant_radius_m: float = 1.0,
+def derive_edges(sequences: Iterable[bags.Sequence | bags.Track], adjacent_k: int = 3, distant_radius_m: float = 1.0,
                  distant_angle_deg: float = 30.0, distant_min_gap_frames: int = 30,
                  max_distant_per_frame: int = 8, seed: int = 0) -> list[Edge]:
     """Adjacent and distant edges from the frames' T_map_cam (see derive_edges_from_poses); poses alone
@@ -128,7 +128,7 @@ def derive_edges(sequences: Iterable[Sequence | Track], adjacent_k: int = 3, dis
                                    distant_min_gap_frames, max_distant_per_frame, seed)
 
 
-def edges_from_bags(sequences: Iterable[Sequence | Track]) -> list[Edge] | None:
+def edges_from_bags(sequences: Iterable[bags.Sequence | bags.Track]) -> list[Edge] | None:
     """Explicit edges from the bags' graph topic, matched to frames by (sequence id, image stamp).
 
     The sequence id is the one the recorder wrote (a bag's own edges start in its sequence), not the
@@ -156,13 +156,6 @@ def edges_from_bags(sequences: Iterable[Sequence | Track]) -> list[Edge] | None:
             seen.add((i, j, e.kind))
             out.append(Edge(i, j, e.kind, e.T_i_j, e.covariance))
     return out
-
-
-def edge_records(edges: list[Edge], seq: np.ndarray, stamp_ns: np.ndarray) -> list[EdgeRecord]:
-    """Edges -> PoseGraphEdge records; seq (N,) and stamp_ns (N,) describe the global frames."""
-    return [EdgeRecord(seq_i=int(seq[e.i]), stamp_i_ns=int(stamp_ns[e.i]), seq_j=int(seq[e.j]),
-                       stamp_j_ns=int(stamp_ns[e.j]), kind=e.kind, T_i_j=e.T_i_j, covariance=e.covariance)
-            for e in edges]
 
 
 def edge_counts(edges: list[Edge]) -> dict[str, int]:

@@ -279,6 +279,13 @@ class Renderer:
         return albedo.T * (shade * light.gain) * np.asarray(light.tint)[:, None]
 
 
+def edge_records(edges: list[graph.Edge], seq: np.ndarray, stamp_ns: np.ndarray) -> list[bags.EdgeRecord]:
+    """Edges -> PoseGraphEdge records; seq (N,) and stamp_ns (N,) describe the global frames."""
+    return [bags.EdgeRecord(seq_i=int(seq[e.i]), stamp_i_ns=int(stamp_ns[e.i]), seq_j=int(seq[e.j]),
+                            stamp_j_ns=int(stamp_ns[e.j]), kind=e.kind, T_i_j=e.T_i_j, covariance=e.covariance)
+            for e in edges]
+
+
 def generate(out, seed: int = 0, frames: int = 300, sequences: int = 3, size: tuple[int, int] = (320, 240),
              label_fraction: float = 0.005, force: bool = False, progress: bool = True,
              detour_m_deg: tuple[float, float] | None = None) -> dict:
@@ -311,7 +318,7 @@ def generate(out, seed: int = 0, frames: int = 300, sequences: int = 3, size: tu
     stamps = (STAMP_BASE_NS + seq_of * SEQ_STAMP_OFFSET_NS
               + np.tile(np.arange(frames), sequences) * (10**9 // HZ)).astype(np.int64)
     edges = graph.derive_edges_from_poses(poses, seq_of, seed=seed)
-    records = graph.edge_records(edges, seq_of, stamps)
+    records = edge_records(edges, seq_of, stamps)
 
     renderer = Renderer(*size)
     bar = tqdm(total=frames * sequences, desc='synth', unit='frame', disable=not progress)

@@ -4,21 +4,13 @@
     globloc export --model models/scene.pt --format tensorrt --precision fp16 --out scene.engine
     globloc export --model models/scene.pt --format torchscript --out scene.ts
 
-The exported graph is globloc_ros.net.PoseGraph: image (B, 3, H, W) float RGB 0..255 at the model's fixed
-input size, K (B, 3, 3) of that image and depth (B, 1, H/8, W/8) metres at the cells (0: not measured, the depth
-head's depth is used; all zeros for a camera without depth) -> T_map_cam (B, 4, 4), residual (B,), n_eff (B,),
-spread (B,); network, camera coordinates from depth and Horn alignment all inside. Batch is fixed at 1 unless
---dynamic-batch. Each graph carries runtime.graph_metadata (format version, input size, normalisation,
-scene centre/scale, model sha256, torch version) so that globloc_ros.runtime can check it at load.
+The exported graph is globloc_ros.net.PoseGraph (inputs, outputs and the ONNX conversion itself: the runtime's
+globloc_ros.onnx_export, which this command builds on). Batch is fixed at 1 unless --dynamic-batch. Each graph
+carries onnx_export.graph_metadata (format version, input size, normalisation, scene centre/scale, model sha256,
+torch version) so that globloc_ros.runtime can check it at load.
 
-ONNX exporter: the TorchScript-based one (dynamo=False, opset 17). Measured on the default 320x240 network:
-it exports in 0.3 s with 418 non-Constant nodes; the dynamo exporter takes 5.5 s and gives 359 nodes (no
-Identity/Expand, squares as Pow). Both use only ops TensorRT >= 8.6 parses, and align.py was made
-export-clean against the TorchScript one (test_align.py), so the faster exporter wins: the runtime exports
-the ONNX cache at first start and the tests export several times.
-
-Every ONNX graph passes onnx.checker and the TensorRT allow-list below before it is written, and (unless
-verify=False) onnxruntime must match PyTorch within 1e-4 m and 1e-3 deg on check frames.
+Every ONNX graph passes onnx.checker and the TensorRT allow-list (onnx_export.TENSORRT_OPS) before it is written,
+and (unless verify=False) onnxruntime must match PyTorch within 1e-4 m and 1e-3 deg on check frames.
 """
 from __future__ import annotations
 
@@ -37,32 +29,19 @@ import numpy as np
 import torch
 
 from globloc_ros import runtime as rt
-from globloc_ros.frames import rotation_error_deg
 from globloc_ros.atomic import atomic_write
+from globloc_ros.frames import rotation_error_deg
 from globloc_ros.modelfile import load_model
 from globloc_ros.net import PoseGraph
+# the ONNX conversion is the runtime's (its onnxruntime cache); these names are `globloc export`'s too
+from globloc_ros.onnx_export import (OPSET, TENSORRT_OPS, UnsupportedOpError, check_ops, example_inputs,  # noqa: F401
+                                     file_sha256, graph_metadata, graph_ops, onnx_graph, to_onnx)
 
-OPSET = 17
 TOL_T_M = 1e-4
 TOL_R_DEG = 1e-3
 
-# ONNX ops seen in our PoseGraph exports (fixed and dynamic batch, both exporters) that TensorRT's ONNX parser
-# supports (onnx-tensorrt docs/operators.md; IsInf needs TensorRT >= 8.6; GroupNorm exports as Reshape +
-# InstanceNormalization; Resize is the mobilenet_v2 backbone's bilinear upsampling, half_pixel coordinates).
-# Anything else is refused, in particular the decompositions (Svd, Eig, Inverse, Det) and control flow (If, Loop,
-# Scan) whose trip counts or branches depend on data.
-TENSORRT_OPS = frozenset({
-    'Add', 'And', 'ArgMax', 'Cast', 'Clip', 'Concat', 'Constant', 'ConstantOfShape', 'Conv', 'Div', 'Equal',
-    'Expand', 'Flatten', 'Gather', 'Greater', 'Identity', 'InstanceNormalization', 'IsInf', 'IsNaN', 'MatMul',
-    'Mul', 'Neg', 'Not', 'Or', 'Pow', 'Range', 'Reciprocal', 'ReduceMin', 'ReduceSum', 'Relu', 'Reshape', 'Resize',
-    'Shape', 'Slice', 'Softmax', 'Softplus', 'Split', 'Sqrt', 'Squeeze', 'Sub', 'Transpose', 'Unsqueeze', 'Where',
-})
 # ONNX node-name scopes of the CNN (TorchScript exporter): in an fp16 engine only these run in fp16.
 NETWORK_SCOPES = ('/net/backbone/', '/net/trunk/', '/net/scene_head/', '/net/depth_head/', '/net/weight_head/')
-
-
-class UnsupportedOpError(ValueError):
-    """A graph with an op that TensorRT's ONNX parser cannot run (or that ONNX cannot express)."""
 
 
 @dataclass
@@ -77,62 +56,6 @@ class ExportResult:
 
 
 # ------------------------------------------------------------------------------------------ ONNX
-def graph_ops(model) -> Counter:
-    """Op type counts of an onnx.ModelProto, subgraphs (If/Loop bodies) included; other domains as 'domain:Op'."""
-    counts: Counter = Counter()
-
-    def walk(graph):
-        for node in graph.node:
-            counts[f'{node.domain}:{node.op_type}' if node.domain not in ('', 'ai.onnx') else node.op_type] += 1
-            for attr in node.attribute:
-                for g in ([attr.g] if attr.HasField('g') else []) + list(attr.graphs):
-                    walk(g)
-
-    walk(model.graph)
-    return counts
-
-
-def check_ops(model, allowed: frozenset = TENSORRT_OPS) -> Counter:
-    """Raise UnsupportedOpError naming every op outside `allowed` (and one node of each); else the op counts."""
-    ops = graph_ops(model)
-    bad = sorted(set(ops) - allowed)
-    if bad:
-        def first_node(op: str) -> str:
-            name = op.split(':')[-1]
-            return next((n.name or '(unnamed)' for n in model.graph.node if n.op_type == name), '(in a subgraph)')
-        raise UnsupportedOpError('graph uses ops outside the TensorRT allow-list: '
-                                 + ', '.join(f'{op} x{ops[op]} (e.g. node {first_node(op)})' for op in bad)
-                                 + '; rewrite them with matmul/add/div/sqrt (see align.py) before exporting')
-    return ops
-
-
-def to_onnx(module: torch.nn.Module, args: tuple, input_names, output_names, dynamic_batch: bool = False):
-    """torch.onnx.export (TorchScript exporter, opset 17) into memory -> onnx.ModelProto, checked by onnx.checker
-    and the TensorRT op allow-list. Ops ONNX cannot express (SVD, eigh, inverse) raise UnsupportedOpError too."""
-    import onnx
-    buf = io.BytesIO()
-    axes = {n: {0: 'batch'} for n in (*input_names, *output_names)} if dynamic_batch else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # tracer warnings about python ints: the input size is fixed
-            torch.onnx.export(module, args, buf, input_names=list(input_names), output_names=list(output_names),
-                              dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    except torch.onnx.errors.UnsupportedOperatorError as e:
-        raise UnsupportedOpError(f'graph uses an op that ONNX opset {OPSET} cannot express (so TensorRT '
-                                 f'cannot run it either): {str(e).splitlines()[0]}') from e
-    model = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(model, full_check=True)
-    check_ops(model)
-    return model
-
-
-def _example_inputs(config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    W, H = config.input_size
-    image = torch.full((1, 3, H, W), 127.0)
-    K = torch.tensor([[[0.9 * W, 0.0, (W - 1) / 2], [0.0, 0.9 * W, (H - 1) / 2], [0.0, 0.0, 1.0]]])
-    return image, K, _check_depths(config)[0]
-
-
 def _check_depths(config) -> list[torch.Tensor]:
     """The depth inputs every check frame runs with: none measured (zeros), and a plane 2 m away measured on the
     left half of the cells only, so both sides of with_measured_depth's where are compared."""
@@ -196,13 +119,8 @@ def export_onnx(model_path, out, dynamic_batch: bool = False, verify: bool = Tru
     onnxruntime with PyTorch on check_frames (default: two synthetic frames) and raises RuntimeError (nothing
     written) beyond 1e-4 m / 1e-3 deg.
     """
-    import onnx
     model_path, out = Path(model_path), Path(out)
-    net, _ = load_model(model_path)
-    meta = rt.graph_metadata(net.config.to_dict(), rt.file_sha256(model_path), dynamic_batch)
-    model = to_onnx(PoseGraph(net), _example_inputs(net.config), rt.INPUT_NAMES, rt.OUTPUT_NAMES, dynamic_batch)
-    onnx.helper.set_model_props(model, meta)
-    model.doc_string = f'globloc PoseGraph of {model_path.name}'
+    model, net, meta = onnx_graph(model_path, dynamic_batch)
     result = ExportResult(out, 'onnx', graph_ops(model), meta)
     data = model.SerializeToString()
     if not verify:
@@ -227,11 +145,11 @@ def export_torchscript(model_path, out, dynamic_batch: bool = False, check_frame
     A traced module accepts any batch size (the trace has no batch-dependent constants)."""
     model_path, out = Path(model_path), Path(out)
     net, _ = load_model(model_path)
-    meta = rt.graph_metadata(net.config.to_dict(), rt.file_sha256(model_path), dynamic_batch)
+    meta = graph_metadata(net.config.to_dict(), file_sha256(model_path), dynamic_batch)
     graph = PoseGraph(net).eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter('ignore')  # torch.jit.trace is deprecated in favour of torch.export; it still works
-        traced = torch.jit.trace(graph, _example_inputs(net.config), check_trace=False)
+        traced = torch.jit.trace(graph, example_inputs(net.config), check_trace=False)
     frames = check_frames if check_frames is not None else synthetic_check_frames(net.config.input_size)
     dts, drs = [], []
     for (image, K), d in itertools.product(frames, _check_depths(net.config)):
@@ -322,7 +240,7 @@ def build_engine(onnx_path, out, precision: str = 'fp16', timing_cache=None, wor
     meta = {
         'format': rt.ENGINE_FORMAT, 'graph': graph_meta, 'precision': precision,
         'tensorrt_version': trt.__version__, 'gpu': rt.gpu_identity(),
-        'engine_sha256': rt.file_sha256(out), 'onnx_sha256': rt.file_sha256(onnx_path),
+        'engine_sha256': file_sha256(out), 'onnx_sha256': file_sha256(onnx_path),
         'max_batch': max_batch if dynamic else 1, 'fp32_pinned_layers': pinned,
         'build_seconds': round(time.perf_counter() - t0, 1), 'timing_cache': str(cache_path),
     }

@@ -10,8 +10,7 @@ metres) and a 6x6 covariance in the order (x, y, z, rot x, rot y, rot z).
 
 Edges come either from the bags' graph topic (`edges_from_bags`) or from the poses (`derive_edges`); both need
 only each bag's stamps and poses (a `bags.Track`), never its images, so a long recording's graph is built while
-its frames stream past. The bag layer imports this module, not the reverse: bags.Sequence and bags.Track are
-taken as they come (their seq, stamps_ns, T_map_cam, edges; a Sequence's track()).
+its frames stream past. The bag layer imports this module, not the reverse.
 Deriving assumes that all sequences share one map frame: do not derive distant edges across bags
 with unrelated maps (e.g. the SUN3D fragments, or different Strecha scenes).
 """
@@ -19,10 +18,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from globloc_ros import frames as fr
+
+if TYPE_CHECKING:  # for the annotations only: bags imports this module
+    from globloc import bags
 
 ADJACENT, DISTANT = 0, 1
 KIND_NAMES = {ADJACENT: 'adjacent', DISTANT: 'distant'}

@@ -12,9 +12,13 @@
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 import transforms3d.quaternions as t3q
+
+if TYPE_CHECKING:  # torch is imported inside the tensor functions, so that what needs numpy alone (placemap:
+    import torch   # loading a map, refining against it) loads without it
 
 DEPTH_EDGE_RATIO = 0.05  # four depth pixels differing by more than 5 % straddle an edge: no depth label there
 
@@ -88,8 +92,11 @@ def scale_intrinsics_torch(K: torch.Tensor, sx: float, sy: float) -> torch.Tenso
     return K * scale + offset
 
 
-def cell_centres(h: int, w: int, stride: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Pixel coordinates (h*w, 2) as (u, v) of the cells of a stride-s map, row-major over (i, j)."""
+def cell_centres(h: int, w: int, stride: int, device=None, dtype=None) -> torch.Tensor:
+    """Pixel coordinates (h*w, 2) as (u, v) of the cells of a stride-s map, row-major over (i, j); dtype
+    default torch.float32."""
+    import torch
+    dtype = torch.float32 if dtype is None else dtype
     v = torch.arange(h, device=device, dtype=dtype) * stride + (stride - 1) / 2
     u = torch.arange(w, device=device, dtype=dtype) * stride + (stride - 1) / 2
     vv, uu = torch.meshgrid(v, u, indexing='ij')
@@ -102,6 +109,7 @@ def backproject(depth: torch.Tensor, uv: torch.Tensor, K: torch.Tensor) -> torch
     depth (B, N) metres, uv (N, 2) or (B, N, 2) pixels, K (B, 3, 3) -> (B, N, 3).
     Written with the four intrinsics (no matrix inverse op) so that it exports to ONNX/TensorRT.
     """
+    import torch
     fx, fy = K[:, 0, 0, None], K[:, 1, 1, None]
     cx, cy = K[:, 0, 2, None], K[:, 1, 2, None]
     u, v = uv[..., 0], uv[..., 1]

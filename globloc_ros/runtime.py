@@ -39,16 +39,15 @@ import numpy as np
 import torch
 
 from globloc_ros import align as _align
+from globloc_ros.atomic import atomic_write
 from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, scale_intrinsics
 from globloc_ros.net import with_measured_depth
+from globloc_ros.onnx_export import EXPORT_VERSION, GRAPH_FORMAT, INPUT_NAMES, OUTPUT_NAMES, file_sha256, onnx_graph
 from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, recover, refine
 
 # ------------------------------------------------------------------------------------------ metadata schema
-GRAPH_FORMAT = 'globloc-pose-graph'  # ONNX / TorchScript graphs of PoseGraph
+# GRAPH_FORMAT, EXPORT_VERSION, INPUT_NAMES, OUTPUT_NAMES and graph_metadata: onnx_export, which writes them
 ENGINE_FORMAT = 'globloc-tensorrt-engine'
-EXPORT_VERSION = 2  # layout of the exported graph and its metadata; bump when inputs/outputs change
-INPUT_NAMES = ('image', 'K', 'depth')
-OUTPUT_NAMES = ('T_map_cam', 'residual', 'n_eff', 'spread')
 ENGINE_SUFFIXES = ('.engine', '.plan', '.trt')
 MIN_SPREAD_M = 1e-4  # camera points within 0.1 mm of each other cannot pin a rotation (all-zero weights give 1e-6)
 COVARIANCE_UNKNOWN = 1e6  # variance (m^2, rad^2) reported when the outputs are not finite
@@ -95,40 +94,9 @@ class Result:
 PATHS = ('one-shot', 'refined', 'tracked', 'recovered', 'rejected')
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def graph_metadata(config: dict, model_sha256: str, dynamic_batch: bool = False) -> dict[str, str]:
-    """String key/values stored with every exported graph (ONNX metadata_props, TorchScript extra file,
-    beside a TensorRT engine). `config` is NetConfig.to_dict() of the model; values are JSON."""
-    from globloc_ros.modelfile import FORMAT_VERSION
-    W, H = config['input_size']
-    return {
-        'globloc.format': GRAPH_FORMAT,
-        'globloc.export_version': str(EXPORT_VERSION),
-        'globloc.model_format_version': str(FORMAT_VERSION),
-        'globloc.input_size': json.dumps([int(W), int(H)]),  # (W, H) pixels
-        'globloc.normalisation': json.dumps({'mean': list(config['mean']), 'std': list(config['std']),
-                                             'input': 'RGB float 0..255', 'applied': 'inside the graph'}),
-        'globloc.scene': json.dumps({'centre': list(config['scene_centre']), 'scale': config['scene_scale']}),
-        'globloc.stride': str(config['stride']),
-        'globloc.solver': 'horn',
-        'globloc.inputs': json.dumps(list(INPUT_NAMES)),
-        'globloc.outputs': json.dumps(list(OUTPUT_NAMES)),
-        'globloc.dynamic_batch': json.dumps(bool(dynamic_batch)),
-        'globloc.model_sha256': model_sha256,
-        'globloc.torch_version': torch.__version__,
-        'globloc.config': json.dumps(config),
-    }
-
-
 def check_graph_metadata(meta: dict[str, str], where: str) -> tuple[int, int]:
-    """Validate the metadata of an exported graph; returns its input size (W, H). Raises LocalizerError."""
+    """Validate the metadata of an exported graph (onnx_export.graph_metadata); returns its input size (W, H).
+    Raises LocalizerError."""
     from globloc_ros.modelfile import FORMAT_VERSION
     if meta.get('globloc.format') != GRAPH_FORMAT:
         raise LocalizerError(f"{where}: no globloc metadata ('globloc.format' is {meta.get('globloc.format')!r}, "
@@ -540,7 +508,6 @@ def cached_onnx(model_path: Path, sha: str, cache_dir: Path) -> Path:
                 return path
         except Exception:  # noqa: BLE001 - a damaged cache entry is simply rebuilt
             pass
-    from globloc.export import export_onnx  # the exporter lives with the `globloc export` command
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + '.', suffix='.tmp', dir=cache_dir)
@@ -550,7 +517,8 @@ def cached_onnx(model_path: Path, sha: str, cache_dir: Path) -> Path:
                              'GLOBLOC_CACHE to a writable folder, or export once with `globloc export --format onnx` '
                              'and give the .onnx file') from e
     try:
-        export_onnx(model_path, tmp, verify=False)
+        data = onnx_graph(model_path)[0].SerializeToString()
+        atomic_write(tmp, lambda f: f.write(data))
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is readable like any exported file
         os.replace(tmp, path)
     except (ValueError, RuntimeError, OSError) as e:
@@ -558,6 +526,80 @@ def cached_onnx(model_path: Path, sha: str, cache_dir: Path) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def _check_arguments(backend: str, device: str | None, precision: str | None, threads: int | None,
+                     max_residual_m: float, min_effective_points: float) -> None:
+    """Localizer's arguments, before any file is opened: ValueError naming the bad one."""
+    if backend not in BACKENDS:
+        raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
+    if device not in (None, 'cpu', 'cuda'):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if precision not in (None, 'fp32', 'fp16'):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f'threads must be >= 1 or None, got {threads}')
+    if not (max_residual_m > 0 and min_effective_points >= 0):
+        raise ValueError(f'max_residual_m must be > 0 and min_effective_points >= 0, got '
+                         f'{max_residual_m}, {min_effective_points}')
+
+
+def model_kind(path: Path) -> str:
+    """'engine' (.engine / .plan / .trt), 'onnx' (.onnx) or 'model' (a model file, .pt), by the file's suffix."""
+    return 'engine' if path.suffix in ENGINE_SUFFIXES else 'onnx' if path.suffix == '.onnx' else 'model'
+
+
+KIND_NAMES = {'model': 'model files (.pt)', 'onnx': 'ONNX graphs (.onnx)', 'engine': 'TensorRT engines (.engine)'}
+BACKEND_RUNS = {'tensorrt': ('engine',), 'onnxruntime': ('model', 'onnx'), 'torch': ('model',)}  # kinds
+
+
+def choose_backend(kind: str, backend: str, device: str | None, ort_ok: bool, ort_cuda: bool, torch_cuda: bool,
+                   where: str = 'file') -> tuple[str, str]:
+    """(backend, device) that run a file of `kind` (model_kind) here; LocalizerError when none can as asked.
+
+    backend 'auto': tensorrt for an engine, onnxruntime for an ONNX graph; for a model file torch on CUDA (unless
+    device is 'cpu'), else onnxruntime where installed, else torch on the CPU. device None: 'cuda' where the
+    backend can use a GPU here, else 'cpu'; engines always run on CUDA. ort_ok: onnxruntime importable; ort_cuda:
+    with its CUDA provider; torch_cuda: torch sees a CUDA GPU. where: the file, as error messages name it.
+    """
+    if device == 'cuda' and not (torch_cuda or ort_cuda):
+        raise LocalizerError('device cuda requested but neither torch nor onnxruntime sees a CUDA GPU here')
+    if backend == 'auto':
+        if kind == 'engine':
+            backend = 'tensorrt'
+        elif kind == 'onnx':
+            backend = 'onnxruntime'
+        elif device != 'cpu' and torch_cuda:
+            backend = 'torch'
+        elif ort_ok:
+            backend = 'onnxruntime'
+        else:
+            backend = 'torch'
+    if device is None:  # the GPU where this backend can use one
+        device = 'cuda' if {'tensorrt': True, 'torch': torch_cuda, 'onnxruntime': ort_cuda}[backend] else 'cpu'
+    runs = BACKEND_RUNS[backend]
+    if kind not in runs:
+        raise LocalizerError(f'{where}: backend {backend} cannot run {KIND_NAMES[kind]}; it runs '
+                             f"{' and '.join(KIND_NAMES[k] for k in runs)} (engines come from "
+                             '`globloc export --format tensorrt`)')
+    if backend == 'onnxruntime' and not ort_ok:
+        raise LocalizerError('onnxruntime is not installed')
+    if backend == 'torch' and device == 'cuda' and not torch_cuda:
+        raise LocalizerError('device cuda requested for the torch backend, but this torch has no CUDA')
+    if backend == 'tensorrt':
+        device = 'cuda'
+    return backend, device
+
+
+def _open_place_map(place_map: str | os.PathLike | PlaceMap | None) -> PlaceMap | None:
+    """The map a Localizer refines against, loaded and its search tree built now, not at the first frame."""
+    try:
+        place_map = place_map if place_map is None or isinstance(place_map, PlaceMap) else load_map(place_map)
+        if place_map is not None and len(place_map.points):
+            place_map.tree  # a cached_property: built here
+    except MapError as e:
+        raise LocalizerError(str(e)) from e
+    return place_map
 
 
 class Localizer:
@@ -584,112 +626,80 @@ class Localizer:
                  precision: str | None = None,
                  cache_dir: str | os.PathLike | None = None,
                  place_map: str | os.PathLike | PlaceMap | None = None, publish_unverified: bool = False):
-        if backend not in BACKENDS:
-            raise ValueError(f'backend must be one of {BACKENDS}, got {backend!r}')
-        if device not in (None, 'cpu', 'cuda'):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if precision not in (None, 'fp32', 'fp16'):
-            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-        if threads is not None and threads < 1:
-            raise ValueError(f'threads must be >= 1 or None, got {threads}')
-        if not (max_residual_m > 0 and min_effective_points >= 0):
-            raise ValueError(f'max_residual_m must be > 0 and min_effective_points >= 0, got '
-                             f'{max_residual_m}, {min_effective_points}')
+        _check_arguments(backend, device, precision, threads, max_residual_m, min_effective_points)
         path = Path(model_path)
         self.model_path = path
         self.max_residual_m = float(max_residual_m)
         self.min_effective_points = float(min_effective_points)
         self.threads = threads
         self.publish_unverified = bool(publish_unverified)
-        ort_ok, ort_cuda = _ort_available()
-        torch_cuda = torch.cuda.is_available()
-        if device == 'cuda' and not (torch_cuda or ort_cuda):
-            raise LocalizerError('device cuda requested but neither torch nor onnxruntime sees a CUDA GPU here')
-        if not path.is_file():
-            raise LocalizerError(f'model file not found: {path}')
-        try:
-            self.place_map = place_map if place_map is None or isinstance(place_map, PlaceMap) else load_map(place_map)
-            if self.place_map is not None and len(self.place_map.points):
-                self.place_map.tree  # built now, not at the first frame
-        except MapError as e:
-            raise LocalizerError(str(e)) from e
-        kind = 'engine' if path.suffix in ENGINE_SUFFIXES else 'onnx' if path.suffix == '.onnx' else 'model'
-
-        if backend == 'auto':
-            if kind == 'engine':
-                backend = 'tensorrt'
-            elif kind == 'onnx':
-                backend = 'onnxruntime'
-            elif device != 'cpu' and torch_cuda:
-                backend = 'torch'
-            elif ort_ok:
-                backend = 'onnxruntime'
-            else:
-                backend = 'torch'
-        if device is None:  # the GPU where this backend can use one
-            device = 'cuda' if {'tensorrt': True, 'torch': torch_cuda, 'onnxruntime': ort_cuda}[backend] else 'cpu'
-        names = {'model': 'model files (.pt)', 'onnx': 'ONNX graphs (.onnx)', 'engine': 'TensorRT engines (.engine)'}
-        needs = {'tensorrt': ('engine',), 'onnxruntime': ('model', 'onnx'), 'torch': ('model',)}[backend]
-        if kind not in needs:
-            raise LocalizerError(f'{path}: backend {backend} cannot run {names[kind]}; it runs '
-                                 f"{' and '.join(names[k] for k in needs)} (engines come from "
-                                 '`globloc export --format tensorrt`)')
-        if backend == 'onnxruntime' and not ort_ok:
-            raise LocalizerError('onnxruntime is not installed')
-        if backend == 'torch' and device == 'cuda' and not torch_cuda:
-            raise LocalizerError('device cuda requested for the torch backend, but this torch has no CUDA')
-        if backend == 'tensorrt':
-            device = 'cuda'
+        kind = model_kind(path)
+        backend, device = choose_backend(kind, backend, device, *_ort_available(), torch.cuda.is_available(),
+                                         where=str(path))
         if precision == 'fp16' and not (backend == 'tensorrt' or (backend == 'torch' and device == 'cuda')):
             raise LocalizerError(f'precision fp16 needs the tensorrt backend or torch on CUDA (got {backend} '
                                  f'on {device}); use fp32')
-
-        self.metadata: dict = {}
+        if not path.is_file():
+            raise LocalizerError(f'model file not found: {path}')
+        self.place_map = _open_place_map(place_map)
         if kind == 'model':
-            from globloc_ros.modelfile import ModelFileError, load_model
-            try:
-                net, meta = load_model(path)
-            except ModelFileError as e:
-                raise LocalizerError(str(e)) from e
-            self.metadata = {'config': net.config.to_dict(), 'meta': meta}
-            self.input_size = tuple(net.config.input_size)
-            self.stride = net.config.stride
-            if backend == 'torch':
-                precision = precision or ('fp16' if device == 'cuda' else 'fp32')
-                self._impl = _TorchBackend(net, device, precision, threads)
-            else:
-                sha = file_sha256(path)
-                cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-                onnx_path = cached_onnx(path, sha, cache)
-                self.onnx_path = onnx_path
-                self._impl = _OrtBackend(onnx_path, device, threads)
+            precision = self._open_model(path, backend, device, precision, cache_dir)
         elif kind == 'onnx':
-            self._impl = _OrtBackend(path, device, threads)
-            self.metadata = self._impl.metadata
-            self.input_size = check_graph_metadata(self.metadata, str(path))
-            self.stride = int(self.metadata['globloc.stride'])
-            inp = {i.name: i.shape for i in self._impl.session.get_inputs()}
-            W, H = self.input_size
-            h, w = H // self.stride, W // self.stride
-            if set(inp) != set(INPUT_NAMES) or list(inp['image'][1:]) != [3, H, W] \
-                    or list(inp['depth'][1:]) != [1, h, w]:
-                raise LocalizerError(f'{path}: graph inputs {inp} do not match its metadata '
-                                     f'(image (B, 3, {H}, {W}), K (B, 3, 3), depth (B, 1, {h}, {w}))')
+            self._open_onnx(path, device)
         else:
-            meta = read_engine_metadata(path)
-            self.metadata = meta
-            self.input_size = check_graph_metadata(meta['graph'], str(path))
-            self.stride = int(meta['graph']['globloc.stride'])
-            built = meta.get('precision', 'fp32')
-            if precision not in (None, built):
-                raise LocalizerError(f'{path}: engine was built for {built}, {precision} requested; '
-                                     f'build another with `globloc export --format tensorrt --precision {precision}`')
-            precision = built
-            self._impl = _TensorRTBackend(path, meta)
+            precision = self._open_engine(path, precision)
         self.backend = backend
         self.device = device
         self.precision = precision or 'fp32'
         self._tensor_device = 'cuda' if (device == 'cuda' and backend in ('torch', 'tensorrt')) else 'cpu'
+
+    def _open_model(self, path: Path, backend: str, device: str, precision: str | None,
+                    cache_dir: str | os.PathLike | None) -> str | None:
+        """A model file: torch runs its network; onnxruntime its ONNX export, made once into the cache (cached_onnx).
+        Returns the precision (torch: fp16 on CUDA unless asked otherwise)."""
+        from globloc_ros.modelfile import ModelFileError, load_model
+        try:
+            net, meta = load_model(path)
+        except ModelFileError as e:
+            raise LocalizerError(str(e)) from e
+        self.metadata = {'config': net.config.to_dict(), 'meta': meta}
+        self.input_size = tuple(net.config.input_size)
+        self.stride = net.config.stride
+        if backend == 'torch':
+            precision = precision or ('fp16' if device == 'cuda' else 'fp32')
+            self._impl = _TorchBackend(net, device, precision, self.threads)
+        else:
+            cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+            self.onnx_path = cached_onnx(path, file_sha256(path), cache)
+            self._impl = _OrtBackend(self.onnx_path, device, self.threads)
+        return precision
+
+    def _open_onnx(self, path: Path, device: str) -> None:
+        """An ONNX graph (`globloc export --format onnx`): its metadata checked, and its inputs against them."""
+        self._impl = _OrtBackend(path, device, self.threads)
+        self.metadata = self._impl.metadata
+        self.input_size = check_graph_metadata(self.metadata, str(path))
+        self.stride = int(self.metadata['globloc.stride'])
+        inp = {i.name: i.shape for i in self._impl.session.get_inputs()}
+        W, H = self.input_size
+        h, w = H // self.stride, W // self.stride
+        if set(inp) != set(INPUT_NAMES) or list(inp['image'][1:]) != [3, H, W] \
+                or list(inp['depth'][1:]) != [1, h, w]:
+            raise LocalizerError(f'{path}: graph inputs {inp} do not match its metadata '
+                                 f'(image (B, 3, {H}, {W}), K (B, 3, 3), depth (B, 1, {h}, {w}))')
+
+    def _open_engine(self, path: Path, precision: str | None) -> str:
+        """A TensorRT engine with its PATH.json; returns the precision it was built for (another one asked: error)."""
+        meta = read_engine_metadata(path)
+        self.metadata = meta
+        self.input_size = check_graph_metadata(meta['graph'], str(path))
+        self.stride = int(meta['graph']['globloc.stride'])
+        built = meta.get('precision', 'fp32')
+        if precision not in (None, built):
+            raise LocalizerError(f'{path}: engine was built for {built}, {precision} requested; '
+                                 f'build another with `globloc export --format tensorrt --precision {precision}`')
+        self._impl = _TensorRTBackend(path, meta)
+        return built
 
     def localize(self, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None = None,
                  prior: tuple[np.ndarray, np.ndarray] | None = None) -> Result:

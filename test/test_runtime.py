@@ -183,6 +183,55 @@ def test_exported_onnx_file_runs_with_metadata_checked(model_file, frames, tmp_p
     assert np.abs(a.T_map_cam[:3, 3] - b.T_map_cam[:3, 3]).max() < 1e-4
 
 
+# ------------------------------------------------------------------------------------------ backend choice
+# (kind, backend, device, ort_ok, ort_cuda, torch_cuda) -> (backend, device), or the LocalizerError it raises
+BACKEND_TABLE = [
+    # auto, model file: torch on CUDA, else onnxruntime (on its CUDA provider where it has one), else torch on CPU
+    (('model', 'auto', None, True, False, False), ('onnxruntime', 'cpu')),
+    (('model', 'auto', None, False, False, False), ('torch', 'cpu')),
+    (('model', 'auto', None, True, True, True), ('torch', 'cuda')),
+    (('model', 'auto', 'cpu', True, True, True), ('onnxruntime', 'cpu')),
+    (('model', 'auto', 'cpu', False, False, True), ('torch', 'cpu')),
+    (('model', 'auto', None, True, True, False), ('onnxruntime', 'cuda')),
+    (('model', 'auto', 'cuda', True, True, False), ('onnxruntime', 'cuda')),
+    # auto, exported files: their one backend; engines always on CUDA
+    (('onnx', 'auto', None, True, False, True), ('onnxruntime', 'cpu')),
+    (('onnx', 'auto', None, True, True, False), ('onnxruntime', 'cuda')),
+    (('engine', 'auto', None, False, False, False), ('tensorrt', 'cuda')),
+    (('engine', 'auto', 'cpu', False, False, True), ('tensorrt', 'cuda')),
+    # asked for: device None is the backend's own GPU where it can use one (an onnxruntime without the CUDA
+    # provider on a GPU machine runs on the CPU)
+    (('model', 'onnxruntime', None, True, False, True), ('onnxruntime', 'cpu')),
+    (('model', 'torch', None, True, False, True), ('torch', 'cuda')),
+    (('model', 'torch', 'cpu', True, True, True), ('torch', 'cpu')),
+    (('engine', 'tensorrt', None, False, False, False), ('tensorrt', 'cuda')),
+    # refused
+    (('model', 'tensorrt', None, True, True, True), 'm: backend tensorrt cannot run model files'),
+    (('onnx', 'torch', None, True, True, True), r'm: backend torch cannot run ONNX graphs \(.onnx\); it runs model'),
+    (('engine', 'onnxruntime', None, True, True, True), 'backend onnxruntime cannot run TensorRT engines'),
+    (('model', 'onnxruntime', None, False, False, False), 'onnxruntime is not installed'),
+    (('model', 'auto', 'cuda', True, False, False), 'neither torch nor onnxruntime sees a CUDA GPU'),
+    (('engine', 'auto', 'cuda', False, False, False), 'neither torch nor onnxruntime sees a CUDA GPU'),
+    (('model', 'torch', 'cuda', True, True, False), 'this torch has no CUDA'),
+]
+
+
+@pytest.mark.parametrize('args, expect', BACKEND_TABLE, ids=lambda v: '-'.join(map(str, v)) if isinstance(v, tuple)
+                         else None)
+def test_choose_backend(args, expect):
+    if isinstance(expect, str):
+        with pytest.raises(rt.LocalizerError, match=expect):
+            rt.choose_backend(*args, where='m')
+    else:
+        assert rt.choose_backend(*args, where='m') == expect
+
+
+def test_model_kind_by_suffix():
+    kinds = {name: rt.model_kind(Path(name)) for name in ('a.pt', 'b.onnx', 'c.engine', 'd.plan', 'e.trt', 'f')}
+    assert kinds == {'a.pt': 'model', 'b.onnx': 'onnx', 'c.engine': 'engine', 'd.plan': 'engine',
+                     'e.trt': 'engine', 'f': 'model'}
+
+
 # ------------------------------------------------------------------------------------------ load-time errors
 def test_model_file_errors_at_construction(model_file, tmp_path, cache_dir):
     with pytest.raises(rt.LocalizerError, match='not found'):

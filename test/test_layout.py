@@ -1,5 +1,6 @@
-"""Package layout rules: the core and the offline package never import rclpy; package.xml and the pip metadata declare
-what the code imports; executables and files go where ament and pip users look for them."""
+"""Package layout rules: the core and the offline package never import rclpy, the runtime never imports the
+offline package, no import cycles, a map loads without torch; package.xml and the pip metadata declare what the code
+imports; executables and files go where ament and pip users look for them."""
 import ast
 import configparser
 import subprocess
@@ -20,6 +21,100 @@ def test_core_and_offline_package_never_import_rclpy():
             "print('rclpy' in sys.modules)")
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().splitlines()[-1] == 'False', out.stdout + out.stderr
+
+
+# ---- one import direction ---------------------------------------------------------------------------------
+# What each module of globloc/ and globloc_ros/ imports, read from its source (function-level imports included,
+# `if TYPE_CHECKING:` blocks left out: they never run).
+# The node side, the only modules that import rclpy: node.py is the rclpy shell around the runtime; replay.py
+# publishes a bag over DDS (globloc-replay); demo.py listens to the node it started (`make demo`).
+NODE_SIDE = {'globloc_ros.node', 'globloc_ros.replay', 'globloc_ros.demo'}
+# globloc_ros modules that still import the offline package: tools, not the runtime. replay.py takes the bag
+# topic defaults and the bag finder from globloc.bags; demo.py scores the node's poses with globloc.evaluate.
+RUNTIME_EXCEPTIONS = {'globloc_ros.replay', 'globloc_ros.demo'}
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and (getattr(node.test, 'id', None) == 'TYPE_CHECKING'
+                                         or getattr(node.test, 'attr', None) == 'TYPE_CHECKING')
+
+
+def _imported_names(tree: ast.AST) -> set[str]:
+    """Dotted names a module imports: 'a.b' for `import a.b`, and 'a.b' and 'a.b.c' for `from a.b import c`."""
+    names = set()
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        if _is_type_checking(node):
+            todo += node.orelse
+            continue
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, 'relative import'  # the rules below read absolute names
+            names.add(node.module)
+            names |= {f'{node.module}.{a.name}' for a in node.names}
+        todo += ast.iter_child_nodes(node)
+    return names
+
+
+def _modules() -> dict[str, set[str]]:
+    """'globloc_ros.runtime' -> every dotted name it imports, for each module of both packages."""
+    out = {}
+    for package in ('globloc', 'globloc_ros'):
+        for path in sorted((ROOT / package).glob('*.py')):
+            name = package if path.stem == '__init__' else f'{package}.{path.stem}'
+            out[name] = _imported_names(ast.parse(path.read_text(), str(path)))
+    return out
+
+
+def import_graph() -> dict[str, list[str]]:
+    """Module -> the modules of both packages it imports (itself and package __init__s left out)."""
+    modules = _modules()
+    return {m: sorted({n for n in names if n in modules and n not in ('globloc', 'globloc_ros', m)})
+            for m, names in modules.items()}
+
+
+def test_the_runtime_never_imports_the_offline_package():
+    offending = {m for m, names in _modules().items() if m.startswith('globloc_ros')
+                 and any(n == 'globloc' or n.startswith('globloc.') for n in names)}
+    assert offending == RUNTIME_EXCEPTIONS, (f'globloc_ros modules importing globloc: {sorted(offending)}; '
+                                             f'the allowed tools: {sorted(RUNTIME_EXCEPTIONS)}')
+
+
+def test_only_the_node_side_imports_rclpy():
+    ros = ('rclpy', 'tf2_ros', 'launch', 'launch_ros')
+    importers = {m for m, names in _modules().items()
+                 if any(n.split('.')[0] in ros or n.split('.')[0].endswith(('_msgs', '_srvs')) for n in names)}
+    assert importers == NODE_SIDE, f'modules importing rclpy or ROS messages: {sorted(importers)}'
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles, state, stack = [], {}, []
+
+    def visit(m: str) -> None:
+        state[m] = 'open'
+        stack.append(m)
+        for n in graph[m]:
+            if state.get(n) == 'open':
+                cycles.append(' -> '.join(stack[stack.index(n):] + [n]))
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 'done'
+
+    for m in graph:
+        if m not in state:
+            visit(m)
+    assert not cycles, 'import cycles: ' + '; '.join(cycles)
+    assert 'globloc.bags' in graph['globloc.dataset'] and 'globloc_ros.onnx_export' in graph['globloc_ros.runtime']
+
+
+def test_loading_a_map_needs_no_torch():
+    code = 'import sys, globloc_ros.placemap; print(sorted(m for m in ("torch", "globloc") if m in sys.modules))'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == '[]', out.stdout + out.stderr
 
 
 PKG = ROOT / 'ros' / 'globloc_ros'  # the ament_python package colcon builds (its sources are links to ROOT)

@@ -156,6 +156,50 @@ MAX_TRIANGULATION_FEATURES = 5000
 LABEL_AGREEMENT = 0.02
 
 
+def triangulation_view(image: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray,
+                       label_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One recorded frame's ORB features for triangulate_labels: (uv (n, 2) recorded pixels, descriptors (n, 32)
+    uint8, K, T_map_cam), twice its label budget of features (at most MAX_TRIANGULATION_FEATURES)."""
+    h, w = image.shape[:2]
+    n = min(MAX_TRIANGULATION_FEATURES, max(pm.MAP_FEATURES, 2 * bg.label_count(label_fraction, w, h)))
+    kps, des = pm.orb(n).detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
+    uv = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
+    return uv, np.zeros((0, 32), np.uint8) if des is None else des, K, T_map_cam
+
+
+def triangulated_labels(views: list, stamps: list[int], sizes: list[tuple[int, int]], label_fraction: float,
+                        seed: int = 0) -> tuple[list[np.ndarray], dict]:
+    """Labels triangulated between frames (see triangulate_labels) from their triangulation_view's, stamps (ns) and
+    recorded sizes (W, H): per frame (M, 5) float32 (x, y, z, u, v) rows, and the summary dict."""
+    X, _, src = pm.triangulate_features(views, with_sources=True)
+    order = np.lexsort((src[:, 1], src[:, 0]))  # the rows of one (frame, feature) next to each other
+    X, src = X[order], src[order]
+    first = np.flatnonzero(np.r_[True, np.any(src[1:] != src[:-1], axis=1)]) if len(src) else np.zeros(0, int)
+    groups = list(zip(first, np.r_[first[1:], len(src)]))
+    points = np.array([np.median(X[a:b], 0) for a, b in groups]).reshape(-1, 3)
+    spread = np.array([np.linalg.norm(X[a:b] - p, axis=1).max() for (a, b), p in zip(groups, points)])
+    frame_of, feature_of = src[first].T
+    centres = np.array([T[:3, 3] for *_, T in views])
+    agree = spread <= LABEL_AGREEMENT * np.linalg.norm(points - centres[frame_of], axis=1)
+    labels, counts, errors, pixels = [], [], [], 0
+    for k, ((uv_k, _, K, T), stamp, (w, h)) in enumerate(zip(views, stamps, sizes)):
+        pixels += h * w
+        mine = agree & (frame_of == k)
+        lm = np.column_stack([points[mine], uv_k[feature_of[mine]]]).astype(np.float32)
+        lm = bg.subsample_labels(lm, bg.label_count(label_fraction, w, h), bg.label_rng(seed, stamp))
+        if len(lm):
+            uv, _ = fr.project((lm[:, :3].astype(np.float64) - T[:3, 3]) @ T[:3, :3], K)
+            errors.append(np.linalg.norm(uv - lm[:, 3:], axis=1))
+        labels.append(lm)
+        counts.append(len(lm))
+    err = np.concatenate(errors) if errors else np.zeros(0)
+    return labels, {'frames': len(views), 'frames_with_labels': int(np.count_nonzero(counts)),
+                    'labels': int(sum(counts)),
+                    'labels_per_frame': [int(np.min(counts)), float(np.median(counts)), int(np.max(counts))],
+                    'label_fraction': sum(counts) / pixels,
+                    'reprojection_px': [float(np.median(err)), float(np.percentile(err, 90))] if len(err) else None}
+
+
 def triangulate_labels(sequences: list[bg.Sequence], label_fraction: float, seed: int = 0) -> dict | None:
     """Sparse labels for the frames that have neither landmarks nor depth (a plain camera with a motion-capture or
     SfM trajectory), triangulated from the images and their poses by the place map's own triangulation
@@ -174,42 +218,15 @@ def triangulate_labels(sequences: list[bg.Sequence], label_fraction: float, seed
     todo = [(s, f) for s in sequences for f in s.frames if f.landmarks is None and f.depth is None]
     if not todo:
         return None
-    views = []
-    for _, f in todo:
-        h, w = f.image.shape[:2]
-        n = min(MAX_TRIANGULATION_FEATURES, max(pm.MAP_FEATURES, 2 * bg.label_count(label_fraction, w, h)))
-        kps, des = pm.orb(n).detectAndCompute(cv2.cvtColor(f.image, cv2.COLOR_RGB2GRAY), None)
-        uv = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
-        views.append((uv, np.zeros((0, 32), np.uint8) if des is None else des, f.K, f.T_map_cam))
-    X, _, src = pm.triangulate_features(views, with_sources=True)
-    order = np.lexsort((src[:, 1], src[:, 0]))  # the rows of one (frame, feature) next to each other
-    X, src = X[order], src[order]
-    first = np.flatnonzero(np.r_[True, np.any(src[1:] != src[:-1], axis=1)]) if len(src) else np.zeros(0, int)
-    groups = list(zip(first, np.r_[first[1:], len(src)]))
-    points = np.array([np.median(X[a:b], 0) for a, b in groups]).reshape(-1, 3)
-    spread = np.array([np.linalg.norm(X[a:b] - p, axis=1).max() for (a, b), p in zip(groups, points)])
-    frame_of, feature_of = src[first].T
-    centres = np.array([f.T_map_cam[:3, 3] for _, f in todo])
-    agree = spread <= LABEL_AGREEMENT * np.linalg.norm(points - centres[frame_of], axis=1)
-    counts, errors, pixels = [], [], 0
-    for k, (s, f) in enumerate(todo):
-        h, w = f.image.shape[:2]
-        pixels += h * w
-        mine = agree & (frame_of == k)
-        lm = np.column_stack([points[mine], views[k][0][feature_of[mine]]]).astype(np.float32)
-        lm = bg.subsample_labels(lm, bg.label_count(label_fraction, w, h), bg.label_rng(seed, f.stamp_ns))
+    views = [triangulation_view(f.image, f.K, f.T_map_cam, label_fraction) for _, f in todo]
+    labels, summary = triangulated_labels(views, [f.stamp_ns for _, f in todo],
+                                          [f.image.shape[1::-1] for _, f in todo], label_fraction, seed)
+    for (s, f), lm in zip(todo, labels):
         if len(lm):
             f.landmarks = lm
-            uv, _ = fr.project((lm[:, :3].astype(np.float64) - f.T_map_cam[:3, 3]) @ f.T_map_cam[:3, :3], f.K)
-            errors.append(np.linalg.norm(uv - lm[:, 3:], axis=1))
             if 'triangulated' not in s.report.labels:
                 s.report.labels = '+'.join(x for x in (s.report.labels, 'triangulated') if x != 'none')
-        counts.append(len(lm))
-    err = np.concatenate(errors) if errors else np.zeros(0)
-    return {'frames': len(todo), 'frames_with_labels': int(np.count_nonzero(counts)), 'labels': int(sum(counts)),
-            'labels_per_frame': [int(np.min(counts)), float(np.median(counts)), int(np.max(counts))],
-            'label_fraction': sum(counts) / pixels,
-            'reprojection_px': [float(np.median(err)), float(np.percentile(err, 90))] if len(err) else None}
+    return summary
 
 
 def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:
@@ -220,9 +237,43 @@ def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:
     return gr.derive_edges(sequences), 'derived'
 
 
+def frame_arrays(f: bg.Frame, input_size: tuple[int, int], stride: int = 8) -> tuple[np.ndarray, ...]:
+    """One recorded frame at the network input size (W, H): image (H, W, 3) uint8, K (3, 3) of it, depth at the
+    stride cells (H/s, W/s) and at every pixel (H, W) float32 metres (NaN: none), labels (m, 5) float32 x y z u v
+    with u, v in input pixels (the finite ones inside the image)."""
+    W, H = input_size
+    img, K, sx, sy = resize_frame(f.image, f.K, input_size)
+    if f.depth is not None:
+        depth = fr.depth_at_cells(f.depth, sx, sy, H // stride, W // stride, stride)
+        depth_full = fr.depth_at_cells(f.depth, sx, sy, H, W, 1)
+    else:
+        depth = np.full((H // stride, W // stride), np.nan, np.float32)
+        depth_full = np.full((H, W), np.nan, np.float32)
+    return img, K, depth, depth_full, labels_at_input(f.landmarks, sx, sy, input_size)
+
+
+def labels_at_input(landmarks: np.ndarray | None, sx: float, sy: float, input_size: tuple[int, int]) -> np.ndarray:
+    """Labels (m, 5) x y z u v in recorded pixels (or None) -> (m', 5) float32 in input pixels (W, H), scaled by
+    (sx, sy) with the pixel-centre rule; the finite ones inside the image."""
+    W, H = input_size
+    lm = np.zeros((0, 5), np.float32) if landmarks is None else np.asarray(landmarks, np.float32)
+    lm = lm[np.all(np.isfinite(lm), 1)].copy()
+    lm[:, 3] = (lm[:, 3] + 0.5) * sx - 0.5
+    lm[:, 4] = (lm[:, 4] + 0.5) * sy - 0.5
+    inside = (lm[:, 3] > -0.5) & (lm[:, 3] < W - 0.5) & (lm[:, 4] > -0.5) & (lm[:, 4] < H - 0.5)
+    return lm[inside]
+
+
+def no_labels_error(paths) -> ValueError:
+    return ValueError(f'no frame has 3D labels (no landmarks topic, no depth, and none triangulated between the '
+                      f'frames from their poses in {[str(p) for p in paths]}): scene-coordinate training '
+                      f'needs at least sparse labels')
+
+
 def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], stride: int = 8,
                      need_labels: bool = True) -> TrainData:
-    """Sequences -> TrainData at `input_size` (W, H). Raises ValueError when frames lack what training needs."""
+    """Sequences -> TrainData at `input_size` (W, H), in memory (globloc.cache writes the same arrays to disk).
+    Raises ValueError when frames lack what training needs."""
     W, H = input_size
     h, w = H // stride, W // stride
     frames = [f for s in sequences for f in s.frames]
@@ -232,29 +283,19 @@ def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], 
     images = np.empty((n, H, W, 3), np.uint8)
     Ks = np.empty((n, 3, 3), np.float32)
     Ts = np.empty((n, 4, 4), np.float32)
-    depth = np.full((n, h, w), np.nan, np.float32)
-    depth_full = np.full((n, H, W), np.nan, np.float32)
+    depth = np.empty((n, h, w), np.float32)
+    depth_full = np.empty((n, H, W), np.float32)
     label_list = []
     for k, f in enumerate(frames):
         if not np.all(np.isfinite(f.T_map_cam)):
             raise ValueError(f'{sequences[f.seq].path}: frame {f.index} has a non-finite pose')
-        img, K, sx, sy = resize_frame(f.image, f.K, input_size)
-        images[k], Ks[k], Ts[k] = img, K, f.T_map_cam
-        if f.depth is not None:
-            depth[k] = fr.depth_at_cells(f.depth, sx, sy, h, w, stride)
-            depth_full[k] = fr.depth_at_cells(f.depth, sx, sy, H, W, 1)
-        lm = np.zeros((0, 5), np.float32) if f.landmarks is None else np.asarray(f.landmarks, np.float32)
-        lm = lm[np.all(np.isfinite(lm), 1)].copy()
-        lm[:, 3] = (lm[:, 3] + 0.5) * sx - 0.5
-        lm[:, 4] = (lm[:, 4] + 0.5) * sy - 0.5
-        inside = (lm[:, 3] > -0.5) & (lm[:, 3] < W - 0.5) & (lm[:, 4] > -0.5) & (lm[:, 4] < H - 0.5)
-        label_list.append(lm[inside])
+        images[k], Ks[k], depth[k], depth_full[k], lm = frame_arrays(f, input_size, stride)
+        Ts[k] = f.T_map_cam
+        label_list.append(lm)
     m = max(len(x) for x in label_list)
     n_labelled = sum(len(x) > 0 for x in label_list)
     if need_labels and n_labelled == 0:
-        raise ValueError(f'no frame has 3D labels (no landmarks topic, no depth, and none triangulated between the '
-                         f'frames from their poses in {[str(s.path) for s in sequences]}): scene-coordinate training '
-                         f'needs at least sparse labels')
+        raise no_labels_error([s.path for s in sequences])
     labels = np.zeros((n, max(m, 1), 5), np.float32)
     mask = np.zeros((n, max(m, 1)), bool)
     for k, lm in enumerate(label_list):
@@ -274,6 +315,9 @@ def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], 
                      input_size=(W, H), stride=stride, stats=stats)
 
 
+NORMALISATION_CHUNK = 1024  # frames
+
+
 def scene_normalisation(data: TrainData) -> dict:
     """NetConfig fields from the training data: scene_centre, scene_scale (m), depth_min/scale/max (m).
 
@@ -281,18 +325,32 @@ def scene_normalisation(data: TrainData) -> dict:
     scene head's raw output is about unit size. Depth range from the depth cells, or the labels' camera-frame z
     when there is no depth: depth_scale puts softplus(0) near the median depth, depth_max well above the largest.
     """
-    labels = data.labels[data.label_mask].double()
+    # The labels a chunk of frames at a time: a long recording's (memory-mapped) never all in memory as float64.
+    chunks = [slice(a, a + NORMALISATION_CHUNK) for a in range(0, len(data), NORMALISATION_CHUNK)]
+
+    def labels_of(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, 3) float64 map points of the frames' labels and (L, 4, 4) float64 T_map_cam of their frames."""
+        mask = data.label_mask[rows]
+        return data.labels[rows][mask][:, :3].double(), data.T_map_cam[rows][torch.nonzero(mask)[:, 0]].double()
+
     centres = data.T_map_cam[:, :3, 3].double()
-    pts = torch.cat([centres, labels[:, :3]])
-    centre = pts.mean(0)
-    scale = float(torch.sqrt((pts - centre).square().sum(1).mean()).clamp(min=1e-3))
+    total, count = centres.sum(0), len(centres)
+    for rows in chunks:
+        X, _ = labels_of(rows)
+        total, count = total + X.sum(0), count + len(X)
+    centre = total / count
+    squares = (centres - centre).square().sum()
+    for rows in chunks:
+        squares = squares + (labels_of(rows)[0] - centre).square().sum()
+    scale = float(torch.sqrt(squares / count).clamp(min=1e-3))
     d = data.depth[torch.isfinite(data.depth)].double()
     if d.numel() == 0:  # camera-frame depth of the labels
-        idx = torch.nonzero(data.label_mask)[:, 0]
-        T = data.T_map_cam[idx].double()
-        X = labels[:, :3] - T[:, :3, 3]
-        d = (T[:, :3, :3].transpose(1, 2) @ X[:, :, None])[:, 2, 0]
-        d = d[d > 0]
+        zs = []
+        for rows in chunks:
+            X, T = labels_of(rows)
+            z = (T[:, :3, :3].transpose(1, 2) @ (X - T[:, :3, 3])[:, :, None])[:, 2, 0]
+            zs.append(z[z > 0])
+        d = torch.cat(zs)
     if d.numel() == 0:
         raise ValueError('cannot infer the depth range: no valid depth and no label in front of its camera')
     med, top = float(d.median()), float(torch.quantile(d.float()[:1_000_000], 0.999))

@@ -13,6 +13,9 @@ their gradients only disturb the heads. The pose comes from align_weighted(..., 
 Reproducibility: the tuples and the augmentation of step k are pure functions of (seed, k), and the learning
 rate is a pure function of k, so `--resume` from a checkpoint reaches the same weights as an uninterrupted run, and
 N distributed ranks, each taking its slice of the same global batch, reach those of one process.
+
+The bags are decoded once, at the input size, into the training cache (globloc/cache.py), which later runs,
+`--resume` and every rank memory-map; a recording longer than memory trains (--no-cache: decode into memory).
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ from torch import distributed as dist
 from tqdm import tqdm
 
 from globloc import bags as bg
+from globloc import cache
 from globloc import dataset as ds
 from globloc import imagenet
 from globloc import losses as ls
@@ -133,6 +137,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help='stop after N steps of this invocation, leaving the checkpoint (time-sliced jobs)')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: torch default)')
     p.add_argument('--quiet', action='store_true', help='no progress bar')
+    p.add_argument('--cache', default=None, metavar='DIR',
+                   help='training cache folder: the bags decoded once at the input size, memory-mapped by later '
+                        'runs, --resume and every torchrun rank (default $GLOBLOC_CACHE/train, else '
+                        '~/.cache/globloc/train; globloc/cache.py)')
+    p.add_argument('--no-cache', action='store_true', help='decode the bags into memory instead (short bags)')
 
 
 def _defaults() -> dict:
@@ -165,7 +174,8 @@ def command_line(a: argparse.Namespace) -> str:
     defaults = _defaults()
     parts = ['globloc', 'train', '--bags', *map(str, a.bags), '--out', str(a.out)]
     for key, value in sorted(vars(a).items()):
-        if key in ('bags', 'out', 'quiet', 'threads', 'stop_after', 'resume', 'force') or key.startswith('_'):
+        if key in ('bags', 'out', 'quiet', 'threads', 'stop_after', 'resume', 'force', 'cache', 'no_cache') \
+                or key.startswith('_'):
             continue
         if key in defaults and (key in RECIPE_KEYS or value != defaults[key]) and value is not None:
             flag = '--' + key.replace('_', '-')
@@ -411,6 +421,37 @@ def train(args: argparse.Namespace | dict | None = None, **kwargs) -> Path:
             dist.destroy_process_group()
 
 
+def training_data(a: argparse.Namespace, input_size: tuple[int, int], rank: int = 0,
+                  world: int = 1) -> tuple[ds.TrainData, dict | None]:
+    """The training set and the summary of the labels triangulated for it (None when no frame needed them).
+
+    From the training cache (globloc.cache: rank 0 builds it when missing or stale, the other ranks wait and map
+    it), or decoded into memory with --no-cache. A bag with neither landmarks nor depth (images + poses only)
+    gets labels triangulated between its frames (globloc models only)."""
+    need_labels = a.arch == 'globloc'
+    topics = bg.parse_topics(a.topic)
+    progress = not a.quiet and rank == 0 and sys.stderr.isatty()
+    if a.no_cache:
+        sequences = ds.load_sequences(a.bags, a.label_fraction, seed=a.seed, max_frames=a.max_frames,
+                                      topics=topics, holdout=a.holdout, progress=progress)
+        triangulated = ds.triangulate_labels(sequences, a.label_fraction, a.seed) if need_labels else None
+        return ds.build_train_data(sequences, input_size, need_labels=need_labels), triangulated
+    settings = cache.CacheSettings(input_size=input_size, label_fraction=a.label_fraction, seed=a.seed,
+                                   topics=topics, max_frames=a.max_frames, holdout=a.holdout,
+                                   triangulate=need_labels)
+    root = Path(a.cache) if a.cache else None
+    log = (lambda line: None) if a.quiet else (lambda line: print(line, file=sys.stderr))
+    if rank == 0:
+        data, triangulated = cache.train_data(a.bags, settings, root, progress=progress, log=log)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        data, triangulated = cache.train_data(a.bags, settings, root, build=False)
+    if need_labels and data.stats['frames_with_labels'] == 0:
+        raise ds.no_labels_error(data.paths)
+    return data, triangulated
+
+
 def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     t_start = time.time()
     if a.batch % world:
@@ -418,15 +459,9 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     # torchrun ranks on CUDA each own the GPU _dist_init selected (LOCAL_RANK).
     device = torch.device('cuda', torch.cuda.current_device()) if a.device == 'cuda' else torch.device('cpu')
     input_size = ds.parse_size(a.input_size)
-    sequences = ds.load_sequences(a.bags, a.label_fraction, seed=a.seed, max_frames=a.max_frames,
-                                  topics=bg.parse_topics(a.topic), holdout=a.holdout,
-                                  progress=not a.quiet and rank == 0 and sys.stderr.isatty())
-    # A bag with neither landmarks nor depth (images + poses only) gets labels triangulated between its frames.
-    triangulated = ds.triangulate_labels(sequences, a.label_fraction, a.seed) if a.arch == 'globloc' else None
+    data, triangulated = training_data(a, input_size, rank, world)
     if triangulated and rank == 0 and not a.quiet:
         print(triangulation_summary(triangulated), file=sys.stderr)
-    data = ds.build_train_data(sequences, input_size, need_labels=a.arch == 'globloc')
-    del sequences
     sampler = ds.TupleSampler(len(data), data.edges, a.seed)
     if sampler.fallback and rank == 0 and not a.quiet:
         print(f'graph: {sampler.fallback}', file=sys.stderr)

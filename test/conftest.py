@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -56,6 +57,47 @@ def tiny_model(tiny_scene, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp('tiny_model') / 'tiny.pt'
     train(bags=[tiny_scene / 'seq_00', tiny_scene / 'seq_01'], out=out, quiet=True, threads=1, **TINY_MODEL)
     return out, tiny_scene
+
+
+# ---- the ROS tests' fixtures (test_node.py, test_launch.py, test_colcon.py; their helpers: ros_helpers.py) --
+@pytest.fixture(scope='module')
+def ros_env(tmp_path_factory):
+    """An isolated DDS domain on localhost for this module (this process and its children)."""
+    tmp = tmp_path_factory.mktemp('ros')
+    env = {'ROS_DOMAIN_ID': str(random.SystemRandom().randint(10, 99)),
+           'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOG_DIR': str(tmp / 'log'),
+           'GLOBLOC_CACHE': str(tmp / 'cache'), 'PYTHONUNBUFFERED': '1'}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield tmp
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope='module')
+def setup(tiny_model, ros_env) -> dict:
+    """{'model': tiny_model's model file, 'bag': its scene's held-out seq_02, 'frames': that bag's frames,
+    'trained': True}: what the node is run with and fed, and the offline Localizer compared against."""
+    from globloc.bags import read_sequence
+
+    model, scene = tiny_model
+    bag = Path(scene) / 'seq_02'
+    return {'model': Path(model), 'bag': bag, 'frames': read_sequence(bag, progress=False).frames,
+            'trained': True}
+
+
+@pytest.fixture(scope='module')
+def peer(ros_env):
+    """This process's rclpy node (ros_helpers.Peer) in the module's DDS domain; skips without the ROS overlay."""
+    from ros_helpers import Peer, rclpy
+    rclpy.init()
+    p = Peer()
+    yield p
+    p.close()
+    rclpy.try_shutdown()
 
 
 # ---- no silent skips of the ROS tests ----------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,8 +21,7 @@ BIN = Path(sys.executable).parent
 if not (BIN / 'colcon').exists():
     pytest.skip(f'colcon is not installed ({BIN / "colcon"}; requirements-dev.txt has it)', allow_module_level=True)
 
-from test_launch import _children, _cmdline, _stop  # noqa: E402
-from test_node import peer, ros_env, setup  # noqa: E402,F401  (fixtures shared with the node tests)
+from ros_helpers import child_pids, cmdline, stop_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # What a clone has, less what is built or generated in this checkout.
@@ -108,7 +106,7 @@ def test_ros2_launch_from_the_workspace_localizes_a_replayed_bag(workspace, peer
         peer.reset()
         assert peer.wait(lambda: peer.n_diag > 0 or launch.poll() is not None, 60) and launch.poll() is None, \
             (tmp_path / 'launch.log').read_text()
-        children = [_cmdline(pid) for pid in _children(launch.pid)]
+        children = [cmdline(pid) for pid in child_pids(launch.pid)]
         exe = f'{ws}/install/globloc_ros/lib/globloc_ros/localizer'
         assert any(exe in c[:2] for c in children), children  # the workspace's executable, not the venv's
         # the workspace's replay (what `ros2 run globloc_ros replay` runs)
@@ -121,7 +119,7 @@ def test_ros2_launch_from_the_workspace_localizes_a_replayed_bag(workspace, peer
         assert set(peer.poses) <= stamps
         assert peer.fresh_diag()['model'] == str(setup['model'])
     finally:
-        code = _stop(launch)
+        code = stop_process(launch)
         log.close()
     out = (tmp_path / 'launch.log').read_text()
     assert 'process has finished cleanly' in out and code == 0, out

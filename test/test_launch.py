@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ ROS2 = BIN / 'ros2'
 if not ROS2.exists():
     pytest.skip(f'the ros2 CLI is not installed ({ROS2})', allow_module_level=True)
 
-from test_node import peer, ros_env, setup  # noqa: E402,F401  (fixtures shared with the node tests)
+from ros_helpers import child_pids, cmdline, stop_process  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = Path(sys.prefix)  # the venv
@@ -103,13 +102,13 @@ def test_ros2_launch_localizes_a_replayed_bag(env, peer, setup, tmp_path):
         assert diag['backend'] in ('onnxruntime', 'torch')
         assert launch.poll() is None
         # launch_ros ran the venv's lib/globloc_ros/localizer, with the launch's params files.
-        children = [_cmdline(pid) for pid in _children(launch.pid)]
+        children = [cmdline(pid) for pid in child_pids(launch.pid)]
         exe = f'{PREFIX}/lib/globloc_ros/localizer'
         node_cmd = next((c for c in children if exe in c[:2]), None)  # [python3,] exe, --ros-args ...
         assert node_cmd is not None, children
         assert str(params_file) in node_cmd
     finally:
-        code = _stop(launch)
+        code = stop_process(launch)
         log.close()
     out = (tmp_path / 'launch.log').read_text()
     assert 'process has finished cleanly' in out and code == 0, out
@@ -135,41 +134,6 @@ def test_ros2_run_localizer(env, peer, setup, tmp_path):
             (tmp_path / 'run.log').read_text()
         assert peer.fresh_diag()['model'] == str(setup['model'])
     finally:
-        code = _stop(node)
+        code = stop_process(node)
         log.close()
     assert code == 0, f'{cmd}: exit code {code}\n' + (tmp_path / 'run.log').read_text()
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
-        if proc.poll() is not None:
-            break
-        try:
-            os.killpg(proc.pid, sig) if sig != signal.SIGINT else proc.send_signal(sig)
-            proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            continue
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # whatever launch left behind in its session
-    except ProcessLookupError:
-        pass
-    return proc.returncode
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for stat in Path('/proc').glob('[0-9]*/stat'):
-        try:
-            fields = stat.read_text().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f'/proc/{pid}/cmdline').read_bytes().decode().split('\0')[:-1]
-    except OSError:
-        return []

@@ -11,7 +11,6 @@ Two node configurations run one after the other (class-scoped, so their TF trees
 from __future__ import annotations
 
 import os
-import random
 import re
 import signal
 import subprocess
@@ -28,10 +27,7 @@ import yaml
 rclpy = pytest.importorskip('rclpy')
 tf2_ros = pytest.importorskip('tf2_ros', reason='tf2_ros comes from the ROS overlay (shared/ros-overlay)')
 
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TransformStamped  # noqa: E402
-from nav_msgs.msg import Path as PathMsg  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
+from geometry_msgs.msg import TransformStamped  # noqa: E402
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy  # noqa: E402
 from rclpy.time import Time  # noqa: E402
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image  # noqa: E402
@@ -39,187 +35,22 @@ from std_msgs.msg import Header  # noqa: E402
 from std_srvs.srv import Trigger  # noqa: E402
 
 from globloc_ros import frames as fr  # noqa: E402
+from ros_helpers import DEPTH_TOPIC, Peer, camera_info_msg, encode_jpeg, image_msg, ns_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 LOCALIZER = BIN / 'globloc-localizer'
 CAM_B = 'camera_b_optical'  # TestOdomCompressed's camera frame: its TF tree shares nothing with TestCameraTF's
-DEPTH_TOPIC = '/camera/depth/image_raw'
 PERMISSIVE = ['-p', 'max_residual_m:=1000000.0', '-p', 'min_effective_points:=0.0']
 T_BASE_CAM = fr.pose_from_xyz_quat([0.1, 0.0, 0.3], [-0.5, 0.5, -0.5, 0.5])  # optical frame on a robot base
 A_ODOM_MAP = fr.pose_from_xyz_quat([1.0, -2.0, 0.0], [0.0, 0.0, np.sin(0.3), np.cos(0.3)])  # odom drifted from map
 
 
-# ------------------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope='module')
-def ros_env(tmp_path_factory):
-    """An isolated DDS domain on localhost for this module (this process and its children)."""
-    tmp = tmp_path_factory.mktemp('ros')
-    env = {'ROS_DOMAIN_ID': str(random.SystemRandom().randint(10, 99)),
-           'ROS_AUTOMATIC_DISCOVERY_RANGE': 'LOCALHOST', 'ROS_LOG_DIR': str(tmp / 'log'),
-           'GLOBLOC_CACHE': str(tmp / 'cache'), 'PYTHONUNBUFFERED': '1'}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield tmp
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-@pytest.fixture(scope='module')
-def setup(request, tmp_path_factory, ros_env):
-    """(model path, held-out frames, trained?) from the `tiny_model` fixture when conftest has one, else
-    an untrained model (save_model) on `tiny_scene`: poses then say nothing about accuracy, but the node
-    must still reproduce the offline Localizer exactly."""
-    from globloc.bags import read_sequence
-
-    try:
-        model, scene = request.getfixturevalue('tiny_model')
-        trained = True
-    except pytest.FixtureLookupError:
-        import torch
-
-        from globloc_ros.modelfile import save_model
-        from globloc_ros.net import GlobLocNet, NetConfig
-        scene = request.getfixturevalue('tiny_scene')
-        torch.manual_seed(0)
-        model = tmp_path_factory.mktemp('model') / 'untrained.pt'
-        save_model(GlobLocNet(NetConfig(input_size=(160, 120))), model, {'note': 'untrained, for tests'})
-        trained = False
-    bag = Path(scene) / 'seq_02'
-    return {'model': Path(model), 'bag': bag, 'frames': read_sequence(bag, progress=False).frames,
-            'trained': trained}
-
-
+# ------------------------------------------------------------------------------------------------ helpers
+# (the fixtures ros_env, setup and peer, shared with test_launch and test_colcon, are conftest's)
 def offline(model: Path, max_residual_m: float = 1e6, min_effective_points: float = 0.0):
     from globloc_ros.runtime import Localizer
     return Localizer(model, max_residual_m=max_residual_m, min_effective_points=min_effective_points)
-
-
-class Peer:
-    """This process's rclpy node: publishes frames and TF, records poses, initialposes and diagnostics."""
-
-    def __init__(self, namespace: str = '/globloc'):
-        self.node = rclpy.create_node('globloc_test_peer')
-        reliable = QoSProfile(depth=50, reliability=ReliabilityPolicy.RELIABLE)
-        self.pub_image = self.node.create_publisher(Image, '/camera/image_raw', reliable)
-        self.pub_compressed = self.node.create_publisher(CompressedImage, '/camera/image_raw/compressed', reliable)
-        self.pub_info = self.node.create_publisher(CameraInfo, '/camera/camera_info', reliable)
-        self.pub_depth = self.node.create_publisher(Image, DEPTH_TOPIC, reliable)
-        self.lock = threading.Lock()
-        self.poses: dict[int, PoseStamped] = {}
-        self.poses_cov: dict[int, PoseWithCovarianceStamped] = {}
-        self.initial: list[PoseWithCovarianceStamped] = []
-        self.diag: dict[str, str] = {}
-        self.diag_level = None
-        self.diag_message = ''
-        self.n_diag = 0
-        self.node.create_subscription(PoseStamped, f'{namespace}/pose', self._on_pose, reliable)
-        self.node.create_subscription(PoseWithCovarianceStamped, f'{namespace}/pose_with_covariance',
-                                      self._on_pose_cov, reliable)
-        self.node.create_subscription(PoseWithCovarianceStamped, '/initialpose', self._on_initial, QoSProfile(
-            depth=5, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
-        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
-        self.path = None
-        self.node.create_subscription(PathMsg, f'{namespace}/path', self._on_path, reliable)
-        self.tf_buffer = tf2_ros.Buffer()
-        self.tf_listener = tf2_ros.TransformListener(self.tf_buffer, self.node)
-        self.tf_broadcaster = tf2_ros.TransformBroadcaster(self.node)
-        self.tf_static = tf2_ros.StaticTransformBroadcaster(self.node)
-        self.relocalize = self.node.create_client(Trigger, f'{namespace}/relocalize')
-        self.executor = SingleThreadedExecutor()
-        self.executor.add_node(self.node)
-        self.thread = threading.Thread(target=self.executor.spin, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.executor.shutdown()
-        self.thread.join(timeout=5)
-        self.node.destroy_node()
-
-    def reset(self) -> None:
-        with self.lock:
-            self.poses.clear()
-            self.poses_cov.clear()
-            self.initial.clear()
-            self.diag, self.n_diag = {}, 0
-
-    # callbacks (executor thread)
-    def _on_pose(self, msg):
-        with self.lock:
-            self.poses[_ns(msg.header.stamp)] = msg
-
-    def _on_pose_cov(self, msg):
-        with self.lock:
-            self.poses_cov[_ns(msg.header.stamp)] = msg
-
-    def _on_initial(self, msg):
-        with self.lock:
-            self.initial.append(msg)
-
-    def _on_path(self, msg):
-        with self.lock:
-            self.path = msg
-
-    def _on_diag(self, msg):
-        for status in msg.status:
-            if status.name == 'globloc: localizer':
-                with self.lock:
-                    self.diag = {kv.key: kv.value for kv in status.values}
-                    self.diag_level, self.diag_message = status.level, status.message
-                    self.n_diag += 1
-
-    # helpers (test thread)
-    def count(self, key: str) -> int:
-        with self.lock:
-            return int(self.diag.get(key, 0))
-
-    def wait(self, predicate, timeout: float = 10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if predicate():
-                    return True
-            time.sleep(0.01)
-        with self.lock:
-            return bool(predicate())
-
-    def fresh_diag(self, timeout: float = 5.0) -> dict:
-        """The next diagnostics message's values (so counters include everything sent before the call)."""
-        n = self.n_diag
-        assert self.wait(lambda: self.n_diag >= n + 2, timeout), 'no /diagnostics from the node'
-        with self.lock:
-            return dict(self.diag)
-
-    def send(self, frame, *, stamp_ns: int | None = None, image=None, info=None, compressed: bool = False,
-             jpeg: bytes | None = None, frame_id: str | None = None) -> int:
-        """Publish CameraInfo (unless info is False) then the image of `frame`; returns the stamp used."""
-        stamp_ns = frame.stamp_ns if stamp_ns is None else stamp_ns
-        frame_id = frame.frame_id if frame_id is None else frame_id
-        stamp = Time(nanoseconds=stamp_ns).to_msg()
-        if info is not False:
-            msg = info if info is not None else camera_info_msg(frame.K, frame.image.shape[1], frame.image.shape[0])
-            msg.header.stamp, msg.header.frame_id = stamp, frame_id
-            self.pub_info.publish(msg)
-        if compressed:
-            msg = CompressedImage(format='jpeg', data=jpeg if jpeg is not None else encode_jpeg(frame.image))
-        else:
-            msg = image if image is not None else image_msg(frame.image)
-        msg.header.stamp, msg.header.frame_id = stamp, frame_id
-        (self.pub_compressed if compressed else self.pub_image).publish(msg)
-        return stamp_ns
-
-
-def _ns(stamp) -> int:
-    return stamp.sec * 1_000_000_000 + stamp.nanosec
-
-
-def image_msg(rgb: np.ndarray, encoding: str = 'rgb8') -> Image:
-    h, w = rgb.shape[:2]
-    return Image(height=h, width=w, encoding=encoding, is_bigendian=0, step=w * 3,
-                 data=np.ascontiguousarray(rgb).tobytes())
 
 
 def depth_msg(depth_m: np.ndarray, stamp_ns: int) -> Image:
@@ -228,17 +59,6 @@ def depth_msg(depth_m: np.ndarray, stamp_ns: int) -> Image:
     h, w = mm.shape
     return Image(header=Header(stamp=Time(nanoseconds=stamp_ns).to_msg()), height=h, width=w, encoding='16UC1',
                  is_bigendian=0, step=w * 2, data=mm.tobytes())
-
-
-def camera_info_msg(K: np.ndarray, w: int, h: int) -> CameraInfo:
-    return CameraInfo(width=w, height=h, k=np.asarray(K, dtype=np.float64).reshape(-1).tolist(),
-                      d=[0.0] * 5, distortion_model='plumb_bob')
-
-
-def encode_jpeg(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode('.jpg', rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
-    assert ok
-    return buf.tobytes()
 
 
 def pose_matrix(pose) -> np.ndarray:
@@ -257,15 +77,6 @@ def assert_pose_close(T: np.ndarray, T_ref: np.ndarray, tol_m: float = 1e-4, tol
     dt = np.linalg.norm(T[:3, 3] - T_ref[:3, 3])
     dr = np.abs(T[:3, :3] - T_ref[:3, :3]).max()
     assert dt <= tol_m and dr <= tol_r, f'pose differs by {dt:.2e} m, {dr:.2e} in R'
-
-
-@pytest.fixture(scope='module')
-def peer(ros_env):
-    rclpy.init()
-    p = Peer()
-    yield p
-    p.close()
-    rclpy.try_shutdown()
 
 
 class NodeProcess:
@@ -418,7 +229,7 @@ class TestCameraTF:
             ref = lz.localize(f.image, f.K)
             with peer.lock:
                 msg, cov_msg = peer.poses[stamp], peer.poses_cov[stamp]
-            assert msg.header.frame_id == 'map' and _ns(msg.header.stamp) == f.stamp_ns
+            assert msg.header.frame_id == 'map' and ns_of(msg.header.stamp) == f.stamp_ns
             T = pose_matrix(msg.pose)
             assert_pose_close(T, ref.T_map_cam)
             assert_pose_close(pose_matrix(cov_msg.pose.pose), ref.T_map_cam)
@@ -427,8 +238,8 @@ class TestCameraTF:
             errors.append(fr.pose_errors(T, f.T_map_cam)[0])
         assert set(peer.poses) == {f.stamp_ns for f in setup['frames']}
         # ~/path: the trajectory so far, newest last, for RViz.
-        assert peer.wait(lambda: peer.path is not None and _ns(peer.path.poses[-1].header.stamp) == f.stamp_ns, 5)
-        assert [_ns(p.header.stamp) for p in peer.path.poses][-len(errors):] == [f.stamp_ns for f in setup['frames']]
+        assert peer.wait(lambda: peer.path is not None and ns_of(peer.path.poses[-1].header.stamp) == f.stamp_ns, 5)
+        assert [ns_of(p.header.stamp) for p in peer.path.poses][-len(errors):] == [f.stamp_ns for f in setup['frames']]
         if setup['trained']:
             # The node is the offline model, so its accuracy is the model's: tiny_model's held-out median error
             # is a few decimetres in the 6 x 5 m room.
@@ -456,7 +267,7 @@ class TestCameraTF:
         with peer.lock:
             assert len(peer.initial) == 1, 'initialpose must be published once per request'
             init, pose = peer.initial[0], peer.poses_cov[first]
-        assert _ns(init.header.stamp) == first and init.header.frame_id == 'map'
+        assert ns_of(init.header.stamp) == first and init.header.frame_id == 'map'
         assert_pose_close(pose_matrix(init.pose.pose), pose_matrix(pose.pose.pose), 1e-9, 1e-9)
         assert list(init.pose.covariance) == list(pose.pose.covariance)
 
@@ -617,7 +428,7 @@ class TestOdomCompressed:
         assert len(run['initial']) == 1
         init = run['initial'][0]
         first = min(run['poses'])  # the first confident frame
-        assert _ns(init.header.stamp) == first and init.header.frame_id == 'map'
+        assert ns_of(init.header.stamp) == first and init.header.frame_id == 'map'
         expected = pose_matrix(run['poses'][first].pose) @ fr.invert_pose(T_BASE_CAM)
         assert_pose_close(pose_matrix(init.pose.pose), expected, 1e-6, 1e-6)
 

@@ -111,6 +111,13 @@ def test_no_import_cycles():
     assert 'globloc.bags' in graph['globloc.dataset'] and 'globloc_ros.onnx_export' in graph['globloc_ros.runtime']
 
 
+def test_no_test_module_imports_another():
+    # shared fixtures live in conftest.py, shared helpers in modules not named test_* (ros_helpers.py)
+    imports = {path.name: _imported_names(ast.parse(path.read_text())) for path in (ROOT / 'test').glob('*.py')}
+    offending = {name: sorted(n for n in names if n.startswith('test_')) for name, names in imports.items()}
+    assert not any(offending.values()), {name: names for name, names in offending.items() if names}
+
+
 def test_loading_a_map_needs_no_torch():
     code = 'import sys, globloc_ros.placemap; print(sorted(m for m in ("torch", "globloc") if m in sys.modules))'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, check=True)

@@ -24,11 +24,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import queue
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -45,6 +49,7 @@ ARRAYS = {  # name: dtype; shapes from meta.json
     'labels': np.float32, 'label_mask': np.bool_, 'seq': np.int64}
 _SUFFIX = {np.uint8: 'u8', np.float32: 'f32', np.bool_: 'bool', np.int64: 'i64'}
 _PROBE = 64 * 1024  # bytes hashed at each end of every file of a bag
+T = TypeVar('T')
 
 
 @dataclass(frozen=True)
@@ -210,7 +215,7 @@ def _write(tmp: Path, paths: list[Path], settings: CacheSettings, progress: bool
             bar.total = (bar.total or 0) + reader.expected_images
             bar.refresh()
             seq_stamps, seq_poses = [], []
-            for f in frames:
+            for f in _prefetched(frames):
                 if not np.all(np.isfinite(f.T_map_cam)):
                     raise ValueError(f'{reader.path}: frame {f.index} has a non-finite pose')
                 img, K, depth, depth_full, lm = ds.frame_arrays(f, (W, H), stride)
@@ -269,6 +274,49 @@ def _write(tmp: Path, paths: list[Path], settings: CacheSettings, progress: bool
               'labels': [n, m, 5], 'label_mask': [n, m], 'seq': [n]}
     return {'description': describe(paths, settings), 'bags': [str(p) for p in paths],
             'input_size': [W, H], 'stride': stride, 'shapes': shapes, 'stats': stats, 'triangulated': triangulated}
+
+
+def _prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
+    """`items` produced by a second thread, up to `depth` ahead: the bag's reading and decoding (zstd, cv2 and
+    numpy let go of the GIL) overlap the caller's resizing and writing. Stopping early stops the thread too."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put((True, x), timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            q.put((False, None))
+        except BaseException as e:  # noqa: BLE001 - raised again in the caller's thread
+            q.put((False, e))
+        finally:
+            if hasattr(items, 'close'):
+                items.close()
+
+    thread = threading.Thread(target=produce, name='cache-reader', daemon=True)
+    thread.start()
+    try:
+        while True:
+            more, x = q.get()
+            if not more:
+                if x is not None:
+                    raise x
+                return
+            yield x
+    finally:
+        stop.set()
+        while thread.is_alive():  # let it out of a blocked put
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 def _pad_labels(tmp: Path, counts: list[int], extra: dict[int, np.ndarray], m: int) -> None:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     'export': ('globloc.export', 'export a model to ONNX, TorchScript or a TensorRT engine'),
     'bench': ('globloc.bench', 'latency benchmark of the runtime backends'),
     'node-bench': ('globloc.node_bench', 'end-to-end latency and frames/s of the ROS 2 node over DDS'),
+    'bench-scale': ('globloc.bench_scale', 'peak memory and time of each command against the recording length'),
 }
 
 

@@ -6,10 +6,13 @@ whose definitions of the contract's standard messages equal Humble's, plus our
 
     seqs = read_bags(['data/scene'])                 # one Sequence per bag, sorted order = sequence id
     frame = seqs[0].frames[0]                        # image (H, W, 3) RGB, K, T_map_cam, depth, landmarks
+    for frame in iter_frames('data/scene/seq_00'):   # a long recording: one frame in memory at a time
+        ...
 
 Frames are built around the images: each image is matched by header stamp (within `tolerance_ns`) to a
-pose, a CameraInfo (or the only one, if latched once), and optionally depth and landmarks. Nothing is
-interpolated; images without a pose or calibration are dropped and counted per reason in the
+pose, a CameraInfo (or the only one, if latched once), and optionally depth and landmarks, among the messages
+recorded within a bounded window of it (BagReader), so reading holds a few frames' messages whatever the bag's
+length. Nothing is interpolated; images without a pose or calibration are dropped and counted per reason in the
 `ReadReport`. A message that cannot be decoded, an image or depth encoding globloc_ros.imgmsg does not
 convert included, skips its frame (counted, with a message naming file, topic and stamp); a contract
 violation that would affect every frame (missing topic, size disagreeing with CameraInfo, lens distortion)

@@ -69,7 +69,8 @@ def depth_features(uv: np.ndarray, des: np.ndarray, view: View) -> tuple[np.ndar
     sx, sy = W / view.image.shape[1], H / view.image.shape[0]  # depth registered to the image, maybe another size
     u = np.clip(np.round((uv[:, 0] + 0.5) * sx - 0.5).astype(int), 0, W - 1)
     v = np.clip(np.round((uv[:, 1] + 0.5) * sy - 0.5).astype(int), 0, H - 1)
-    patch = np.stack([d[np.clip(v + dv, 0, H - 1), np.clip(u + du, 0, W - 1)] for dv in (-1, 0, 1) for du in (-1, 0, 1)])
+    patch = np.stack([d[np.clip(v + dv, 0, H - 1), np.clip(u + du, 0, W - 1)]
+                      for dv in (-1, 0, 1) for du in (-1, 0, 1)])
     z = patch[4]
     with np.errstate(invalid='ignore'):
         ok = np.isfinite(patch).all(0) & (z > 0) & (patch.max(0) - patch.min(0) < 0.05 * z)

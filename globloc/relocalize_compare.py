@@ -272,17 +272,19 @@ def plot(rep: dict, path: Path) -> Path:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={'width_ratios': [1, 1, 0.8]})
-    for r in rep['rows']:
-        for ax, key, scale in ((axes[0], 'translation_error_m', 100.0), (axes[1], 'rotation_error_deg', 1.0)):
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={'width_ratios': [1, 1, 0.8]})
+    for ax, key, scale, unit, lo, hi in ((axes[0], 'translation_error_m', 100.0, 'translation error (cm)', 0.1, 100),
+                                         (axes[1], 'rotation_error_deg', 1.0, 'rotation error (deg)', 0.01, 30)):
+        for r in rep['rows']:
             e = np.array([np.inf if x is None else x for x in r['per_frame'][key]]) * scale
             x = np.sort(e[np.isfinite(e)])
-            ax.step(np.r_[x, 1e3], np.r_[np.arange(1, len(x) + 1), len(x)] / len(e), where='post', label=r['method'])
-    for ax, unit, lo, hi in ((axes[0], 'translation error (cm)', 0.1, 100),
-                             (axes[1], 'rotation error (deg)', 0.01, 30)):
+            lo = min(lo, x[0] / 1.5) if len(x) and x[0] > 0 else lo
+            ax.step(np.r_[x, 10 * hi], np.r_[np.arange(1, len(x) + 1), len(x)] / len(e), where='post',
+                    label=r['method'] if ax is axes[0] else None)
         ax.set(xscale='log', xlim=(lo, hi), ylim=(0, 1), xlabel=f'{unit}, threshold', ylabel='recall (of all frames)')
         ax.grid(alpha=0.3, which='both')
-    axes[0].legend(fontsize=8, loc='upper left')
     names = [r['method'].replace(', ', '\n') for r in rep['rows']]
     x = np.arange(len(names))
     p50 = np.array([r['ms_p50'] for r in rep['rows']])
@@ -291,9 +293,14 @@ def plot(rep: dict, path: Path) -> Path:
     axes[2].errorbar(x, p50, yerr=[np.zeros_like(p50), p90 - p50], fmt='none', ecolor='black', capsize=4)
     axes[2].set_xticks(x, names, fontsize=7, rotation=30, ha='right')
     axes[2].set(ylabel='ms/frame (bar p50, whisker p90)', yscale='log')
+    for axis in (axes[2].yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
+    axes[2].tick_params(axis='y', which='minor', labelsize=7)
+    fig.legend(loc='lower center', ncol=len(rep['rows']), fontsize=8)
     fig.suptitle(f"{rep['query_frame_count']} query frames: {' '.join(rep['query_bags'])}"
                  + (f" ({rep['query_frames']})" if rep['query_frames'] else ''), fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -750,9 +750,10 @@ class Localizer:
             refinement = refine(self.place_map, np.asarray(T0, np.float64), image, K, depth, np.asarray(cov0))
             if refinement is None:
                 break  # the map has nothing this frame can be refined against
-            if refinement.accepted:
+            # A direction the map does not pin (ICP against one wall) keeps the pose it started from: not verified
+            if refinement.accepted and refinement.constrained == 6:
                 return refinement, path, ''
-            reasons.append(f'{path}: {refinement.reason}')
+            reasons.append(f'{path}: {refinement.reason or f"{refinement.constrained} of 6 directions pinned"}')
         if refinement is not None or not starts:
             refinement = recover(self.place_map, image, K, depth)
             if refinement.accepted:

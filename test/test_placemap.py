@@ -401,7 +401,8 @@ def test_localizer_refines_confident_poses_and_recovers_the_others(tiny_model, s
             assert want.method == ('icp' if depth is not None else 'features') and 'refine' in r.timings_ms
             paths[r.path] += 1
             assert np.array_equal(r.T_one_shot, one_shot.T_map_cam)
-            if want.accepted:
+            verified = want.accepted and want.constrained == 6  # ICP against a wall alone does not verify
+            if verified:
                 assert r.path == 'refined' and np.allclose(r.T_map_cam, want.T_map_cam, atol=1e-9)
                 assert np.allclose(r.covariance, want.covariance)
             else:
@@ -413,7 +414,7 @@ def test_localizer_refines_confident_poses_and_recovers_the_others(tiny_model, s
                     assert u.confident and u.path == 'one-shot' and np.allclose(u.T_map_cam, one_shot.T_map_cam)
             # A prior at the true pose (a tracked stream) is refined from when the one-shot pose is not verified.
             t = lz.localize(f.image, f.K, depth, prior=(f.T_map_cam, PRIOR))
-            assert t.path in (('refined',) if want.accepted else ('tracked', 'recovered', 'rejected'))
+            assert t.path in (('refined',) if verified else ('tracked', 'recovered', 'rejected'))
     assert paths['refined'] > 0
     with pytest.raises(LocalizerError, match='map file not found: .*nope.npz'):
         Localizer(model, backend='torch', place_map=tmp_path / 'nope.npz')
@@ -429,3 +430,35 @@ def test_eval_reports_the_refined_share(tiny_model, tmp_path):
     assert r['refined_fraction'] == np.mean([f.get('refined', False) for f in r['per_frame']])
     with pytest.raises(ValueError, match='--map needs a scene-coordinate model run by the Localizer'):
         ev.evaluate(model, [scene / 'seq_02'], split='every:8', method='pnp', place_map=tmp_path / 'm.npz')
+
+
+def test_eval_reports_paths_trust_and_coverage(tiny_model, scene_map, tmp_path, capsys):
+    """`globloc eval --map --plots [--sequential]`: frames by path with the rejection reasons, wrong published
+    poses, how many published positions lie within 3 sigma, recall against the distance from the map's cameras,
+    and the plots of both."""
+    from globloc import evaluate as ev
+
+    model, scene = tiny_model
+    place, _ = scene_map
+    pm.save_map(place, tmp_path / 'scene.map.npz')
+    r = ev.evaluate(model, [scene / 'seq_02'], place_map=tmp_path / 'scene.map.npz', depth=True,
+                    plots_dir=tmp_path / 'plots')
+    per_frame = r['per_frame']
+    assert sum(r['paths'].values()) == r['frames'] == len(per_frame)
+    assert r['published'] == r['frames'] - r['paths'].get('rejected', 0) == sum(f['confident'] for f in per_frame)
+    wrong = [f for f in per_frame if f['confident'] and (f['translation_error_m'] >= ev.WRONG[0]
+                                                          or f['rotation_error_deg'] >= ev.WRONG[1])]
+    assert r['published_wrong'] == len(wrong) == 0  # RGB-D against a map: right or not published
+    assert r['published'] > 0 and r['within_3_sigma'] >= 0.9
+    assert sum(row['frames'] for row in r['coverage_by_distance']) == r['frames']
+    assert all(0 <= row['one_shot_recall_10cm_10deg'] <= 1 for row in r['coverage_by_distance'])
+    for name in ('error_vs_sigma.png', 'recall_vs_distance.png'):
+        assert (tmp_path / 'plots' / name).stat().st_size > 10_000
+    text = ev.format_summary(r)
+    assert f"published {r['published']}, wrong" in text and 'from the map\'s cameras' in text
+    # --sequential: the last published pose is the next frame's prior, so a frame the one-shot pose does not
+    # bring near the map can be tracked; every frame is still scored.
+    seq = ev.evaluate(model, [scene / 'seq_02'], place_map=tmp_path / 'scene.map.npz', depth=True, sequential=True)
+    assert seq['frames'] == r['frames'] and seq['published'] >= r['published'] - 1 and seq['published_wrong'] == 0
+    with pytest.raises(ValueError, match='--sequential needs --map'):
+        ev.run(argparse.Namespace(model=str(model), bags=[scene / 'seq_02'], sequential=True, map=None, threads=None))

@@ -333,11 +333,11 @@ def _print_summary(s: dict, out: Path, wall_s: float, rate: float, depth: bool =
     rows = [
         ('frames', s['frames']), ('poses published', s['poses_published']),
         *([('localized with their depth image', s.get('frames_with_depth'))] if depth else []),
-        *([('refined against the map (near the one-shot pose)', s.get('frames_refined')),
-           ('tracked (near the last pose)', s.get('frames_tracked')),
-           ('recovered (global search of the map)', s.get('frames_recovered'))]
+        *([('refined near the one-shot pose', s.get('frames_refined')),
+           ('tracked from the last pose', s.get('frames_tracked')),
+           ('recovered by searching the map', s.get('frames_recovered'))]
           if s.get('frames_refined') is not None else []),
-        ('rejected (not confident or not verified)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
+        ('rejected (not confident / not verified)', s.get('rejected')), ('dropped (node busy)', s.get('dropped')),
         ('median translation error', fmt(s['median_translation_m'] * 100, '.2f') + ' cm'),
         ('median rotation error', fmt(s['median_rotation_deg'], '.2f') + ' deg'),
         ('recall (5 cm, 5 deg)', fmt(s['recall_5cm_5deg'] * 100, '.1f') + ' %'),

@@ -116,3 +116,24 @@ def test_train_reuses_the_cache(tiny_scene, tmp_path, capsys):
     assert 'training cache' not in capsys.readouterr().err
     a, b = (torch.load(tmp_path / n, weights_only=True)['state_dict'] for n in ('a.pt', 'b.pt'))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchrun_ranks_share_one_cache(tiny_scene, tmp_path):
+    """Under torchrun, rank 0 builds the cache while rank 1 waits at a barrier, then both map it."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [str(repo / '.venv' / 'bin' / 'torchrun'), '--standalone', '--nproc-per-node', '2', '-m', 'globloc',
+           'train', '--bags', str(tiny_scene / 'seq_00'), '--out', str(tmp_path / 'm.pt'), '--steps', '2',
+           '--batch', '4', '--input-size', '64x48', '--backbone', 'conv', '--threads', '1',
+           '--cache', str(tmp_path / 'cache')]
+    if not Path(cmd[0]).exists():
+        cmd[:1] = [sys.executable, '-m', 'torch.distributed.run']
+    r = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
+                       timeout=180, cwd=repo)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count('training cache') == 1 and 'built 24 frames' in r.stderr
+    assert len(list((tmp_path / 'cache').iterdir())) == 1
+    assert torch.load(tmp_path / 'm.pt', weights_only=True)['meta']['world_size'] == 2

@@ -320,22 +320,18 @@ def _prefetched(items: Iterator[T], depth: int = 4) -> Iterator[T]:
 
 
 def _pad_labels(tmp: Path, counts: list[int], extra: dict[int, np.ndarray], m: int) -> None:
-    """labels.flat (sum(counts), 5) -> labels.f32 (N, m, 5) zero-padded and label_mask.bool (N, m); frames in
-    `extra` take those labels instead (they have none in the flat file)."""
-    n = len(counts)
-    flat = np.memmap(tmp / 'labels.flat', dtype=np.float32, mode='r').reshape(-1, 5) \
-        if (tmp / 'labels.flat').stat().st_size else np.zeros((0, 5), np.float32)
-    out = np.memmap(tmp / _file('labels'), dtype=np.float32, mode='w+', shape=(n, m, 5))
-    mask = np.memmap(tmp / _file('label_mask'), dtype=np.bool_, mode='w+', shape=(n, m))
-    start = 0
-    for k, c in enumerate(counts):
-        if k in extra:
-            out[k, :c] = extra[k]
-        else:
-            out[k, :c] = flat[start:start + c]
-            start += c
-        mask[k, :c] = True
-    out.flush()
-    mask.flush()
-    del out, mask, flat
+    """labels.flat (sum(counts), 5) -> labels.f32 (N, m, 5) zero-padded and label_mask.bool (N, m), a frame at a
+    time through plain reads and writes (a mapping would keep every page it wrote in the process's memory);
+    frames in `extra` take those labels instead (they have none in the flat file)."""
+    row = np.zeros((m, 5), np.float32)
+    mask = np.zeros(m, np.bool_)
+    with (tmp / 'labels.flat').open('rb') as flat, (tmp / _file('labels')).open('wb') as out, \
+            (tmp / _file('label_mask')).open('wb') as out_mask:
+        for k, c in enumerate(counts):
+            row[:] = 0
+            row[:c] = extra[k] if k in extra else np.frombuffer(flat.read(c * 20), np.float32).reshape(c, 5)
+            mask[:] = False
+            mask[:c] = True
+            out.write(row.tobytes())
+            out_mask.write(mask.tobytes())
     (tmp / 'labels.flat').unlink()

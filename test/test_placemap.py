@@ -462,3 +462,20 @@ def test_eval_reports_paths_trust_and_coverage(tiny_model, scene_map, tmp_path, 
     assert seq['frames'] == r['frames'] and seq['published'] >= r['published'] - 1 and seq['published_wrong'] == 0
     with pytest.raises(ValueError, match='--sequential needs --map'):
         ev.run(argparse.Namespace(model=str(model), bags=[scene / 'seq_02'], sequential=True, map=None, threads=None))
+
+
+def test_eval_with_a_truncated_map_is_one_line_and_exit_code_2(tiny_model, scene_map, tmp_path):
+    import subprocess
+    import sys
+
+    model, scene = tiny_model
+    pm.save_map(scene_map[0], tmp_path / 'whole.map.npz')
+    data = (tmp_path / 'whole.map.npz').read_bytes()
+    (tmp_path / 'cut.map.npz').write_bytes(data[:len(data) // 3])  # a copy that was interrupted
+    run = subprocess.run([sys.executable, '-m', 'globloc', 'eval', '--model', str(model), '--bags',
+                          str(scene / 'seq_02'), '--map', str(tmp_path / 'cut.map.npz')],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith(
+        f'globloc eval: error: {tmp_path / "cut.map.npz"}: not a readable globloc map file'), run.stderr
+    assert 'Traceback' not in run.stderr

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from globloc_ros import frames
+from globloc_ros.placemap import MAP_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -82,13 +83,21 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
 
 
 def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
-    """The map of the training sequences (scene/train.map.npz), building it if absent."""
+    """The map of the training sequences (scene/train.map.npz), building it if absent or of an older map version
+    (a version-1 map has no keyframes to recover poses with)."""
     path = scene / 'train.map.npz'
+    current = False
     if path.is_file():
+        try:
+            with np.load(path) as z:
+                current = json.loads(str(z['header']))['version'] == MAP_VERSION
+        except Exception:  # noqa: BLE001 - unreadable: rebuilt below
+            pass
+    if current:
         _step(f'reusing the map {path}')
     else:
         _step(f'building the map of the training sequences -> {path}')
-        _run([sys.executable, '-m', 'globloc', 'map', '--bags', *train_bags, '--out', path])
+        _run([sys.executable, '-m', 'globloc', 'map', '--bags', *train_bags, '--out', path, '--force'])
     return path
 
 

@@ -20,6 +20,7 @@ The bags are decoded once, at the input size, into the training cache (globloc/c
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import math
 import os
@@ -593,7 +594,22 @@ def _train(a: argparse.Namespace, rank: int, world: int) -> Path:
     return out
 
 
+def keep_freed_blocks() -> None:
+    """Let glibc keep large freed blocks (up to 64 MiB) in the heap rather than unmap them. A training step frees
+    and allocates the same activations every step; by default glibc unmaps them and maps them again, a page fault
+    per 4 KiB, until its adaptive threshold has seen such a block freed, which a process that decoded its bags had
+    (20 steps of data/scene at --threads 1: 0.27 s a step from the training cache with this, 0.42 s without).
+    Process-wide, so only the command calls it. Nothing happens with another C library."""
+    try:
+        libc = ctypes.CDLL('libc.so.6')
+        libc.mallopt(-3, 64 * 2**20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD: freed memory returned to the system above this
+    except (OSError, AttributeError):
+        pass
+
+
 def run(args: argparse.Namespace) -> int:
     args._argv = shlex.join(['globloc', *sys.argv[1:]]) if sys.argv and sys.argv[0] else None
+    keep_freed_blocks()
     train(args)
     return 0

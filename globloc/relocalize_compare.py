@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -204,7 +205,7 @@ def relocalize_compare(a: argparse.Namespace) -> dict:
     for r in rows:
         print(f"{r['method']}: {_cells(r)}", flush=True)
 
-    report = {'command': shlex.join(['globloc', *sys.argv[1:]]),
+    report = {'command': shlex.join(['globloc', *sys.argv[1:]]), 'code': git_head(),
               'map_bags': [str(b) for b in a.map_bags], 'map_frames': a.map_frames,
               'query_bags': [str(b) for b in a.query_bags], 'query_frames': a.query_frames,
               'map_frame_count': len(map_frames), 'query_frame_count': len(query),
@@ -219,6 +220,18 @@ def relocalize_compare(a: argparse.Namespace) -> dict:
     (out / 'relocalize.md').write_text(markdown(report))
     plot(report, out / 'relocalize.png')
     return report
+
+
+def git_head() -> str | None:
+    """The code's commit (short hash, '+' when the work tree has changes), None outside a git checkout."""
+    def git(*args):
+        return subprocess.run(['git', *args], cwd=Path(__file__).parent, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        head = git('rev-parse', '--short', 'HEAD')
+        return head + ('+' if git('status', '--porcelain', '--untracked-files=no') else '') if head else None
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def speed_ratios(rows: list[dict]) -> dict:
@@ -243,7 +256,8 @@ def markdown(rep: dict) -> str:
                  f"{where(rep['query_bags'], rep['query_frames'])}; {rep['recorded_size'][0]}x"
                  f"{rep['recorded_size'][1]} images; CPU, torch {rep['torch_threads']} / OpenCV "
                  f"{rep['opencv_threads']} threads of {rep['cpus']} cores (load average "
-                 f"{' -> '.join(map(str, rep['load_average']))} over the run), backend {rep['backend']}.",
+                 f"{' -> '.join(map(str, rep['load_average']))} over the run), backend {rep['backend']}, code "
+                 f"{rep.get('code')}.",
              f"Place map: {rep['place_map']}. SIFT map: {sm['points']} points from {sm['frames']} frames "
              f"({sm['frames_with_depth']} with depth"
              + (f", the others triangulated over {sm['pairs']} frame pairs" if sm.get('pairs') else '') + ').', '',

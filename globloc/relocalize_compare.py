@@ -286,7 +286,7 @@ def plot(rep: dict, path: Path) -> Path:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 5), gridspec_kw={'width_ratios': [1, 1, 0.8]})
     for ax, key, scale, unit, lo, hi in ((axes[0], 'translation_error_m', 100.0, 'translation error (cm)', 0.1, 100),
@@ -307,10 +307,9 @@ def plot(rep: dict, path: Path) -> Path:
     axes[2].errorbar(x, p50, yerr=[np.zeros_like(p50), p90 - p50], fmt='none', ecolor='black', capsize=4)
     axes[2].set_xticks(x, names, fontsize=7, rotation=30, ha='right')
     axes[2].set(ylabel='ms/frame (bar p50, whisker p90)', yscale='log')
-    for axis in (axes[2].yaxis,):
-        axis.set_major_formatter(ScalarFormatter())
-        axis.set_minor_formatter(ScalarFormatter())
-    axes[2].tick_params(axis='y', which='minor', labelsize=7)
+    axes[2].yaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 1, 2, 5, 10, 20, ... ms
+    axes[2].yaxis.set_major_formatter(ScalarFormatter())
+    axes[2].yaxis.set_minor_formatter(NullFormatter())
     fig.legend(loc='lower center', ncol=len(rep['rows']), fontsize=8)
     fig.suptitle(f"{rep['query_frame_count']} query frames: {' '.join(rep['query_bags'])}"
                  + (f" ({rep['query_frames']})" if rep['query_frames'] else ''), fontsize=10)

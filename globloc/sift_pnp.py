@@ -21,7 +21,7 @@ from typing import Iterable
 import cv2
 import numpy as np
 
-from globloc_ros.placemap import View
+from globloc_ros.placemap import View, ratio_matches, triangulate_pair
 
 SIFT_FEATURES = 2000  # per image, map and query
 CONTRAST_THRESHOLD = 0.02  # OpenCV: 0.04; 0.02 finds 3x the keypoints in weak texture (SUN3D: 25 of 25 poses, not 18)
@@ -120,25 +120,12 @@ def triangulate(features: list[tuple[np.ndarray, np.ndarray]], Ks: list[np.ndarr
         (uv_i, des_i), (uv_j, des_j) = features[i], features[j]
         if len(des_i) < 2 or len(des_j) < 2:
             continue
-        m = [a for a, b in matcher.knnMatch(des_i, des_j, k=2) if a.distance < RATIO * b.distance]
-        if not m:
-            continue
-        a, b = np.array([x.queryIdx for x in m]), np.array([x.trainIdx for x in m])
+        a, b = ratio_matches(matcher, des_i, des_j)
         ok = _epipolar_distance(uv_i[a], uv_j[b], Ks[i], poses[i], Ks[j], poses[j]) < EPIPOLAR_PX
         a, b = a[ok], b[ok]
         if not len(a):
             continue
-        P_i, P_j = Ks[i] @ np.linalg.inv(poses[i])[:3], Ks[j] @ np.linalg.inv(poses[j])[:3]
-        X = cv2.triangulatePoints(P_i, P_j, uv_i[a].T, uv_j[b].T)
-        with np.errstate(divide='ignore', invalid='ignore'):
-            X = (X[:3] / X[3]).T
-            ok = np.isfinite(X).all(1)
-            for P, uv in ((P_i, uv_i[a]), (P_j, uv_j[b])):
-                x = X @ P[:, :3].T + P[:, 3]
-                ok &= (x[:, 2] > 0) & (np.linalg.norm(x[:, :2] / x[:, 2:] - uv, axis=1) < EPIPOLAR_PX)
-            r_i, r_j = X - poses[i][:3, 3], X - poses[j][:3, 3]
-            cos = np.sum(r_i * r_j, 1) / (np.linalg.norm(r_i, axis=1) * np.linalg.norm(r_j, axis=1))
-            ok &= cos <= np.cos(np.radians(MIN_PARALLAX_DEG))
+        X, ok = triangulate_pair(uv_i[a], uv_j[b], Ks[i], poses[i], Ks[j], poses[j], EPIPOLAR_PX, MIN_PARALLAX_DEG)
         for k in np.flatnonzero(ok):
             candidates.setdefault((i, int(a[k])), []).append(X[k])
             candidates.setdefault((j, int(b[k])), []).append(X[k])

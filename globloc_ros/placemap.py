@@ -248,28 +248,44 @@ def triangulate_features(views: list[tuple[np.ndarray, np.ndarray, np.ndarray, n
         (uv_i, des_i, K_i, T_i), (uv_j, des_j, K_j, T_j) = views[i], views[j]
         if len(des_i) < 2 or len(des_j) < 2:
             continue
-        m = [a for a, b in matcher.knnMatch(des_i, des_j, k=2) if a.distance < RATIO * b.distance]
-        if not m:
+        a, b = ratio_matches(matcher, des_i, des_j)
+        if not len(a):
             continue
-        a, b = np.array([x.queryIdx for x in m]), np.array([x.trainIdx for x in m])
-        P_i = K_i @ np.linalg.inv(T_i)[:3]
-        P_j = K_j @ np.linalg.inv(T_j)[:3]
-        X = cv2.triangulatePoints(P_i, P_j, uv_i[a].T.astype(np.float64), uv_j[b].T.astype(np.float64))
-        with np.errstate(divide='ignore', invalid='ignore'):
-            X = (X[:3] / X[3]).T
-            ok = np.isfinite(X).all(1)
-            for P, uv in ((P_i, uv_i[a]), (P_j, uv_j[b])):
-                x = X @ P[:, :3].T + P[:, 3]
-                ok &= (x[:, 2] > 0) & (np.linalg.norm(x[:, :2] / x[:, 2:] - uv, axis=1) < TRIANGULATION_ERROR_PX)
-            r_i, r_j = X - T_i[:3, 3], X - T_j[:3, 3]
-            cos = np.sum(r_i * r_j, 1) / (np.linalg.norm(r_i, axis=1) * np.linalg.norm(r_j, axis=1))
-            ok &= cos <= np.cos(np.radians(MIN_PARALLAX_DEG))
+        X, ok = triangulate_pair(uv_i[a], uv_j[b], K_i, T_i, K_j, T_j, TRIANGULATION_ERROR_PX)
         ok[ok] = _confirmed(X[ok], des_i[a[ok]], des_j[b[ok]], views, trees, third_views(i, j))
         points += [X[ok], X[ok]]
         descriptors += [des_i[a[ok]], des_j[b[ok]]]
         sources += [np.column_stack([np.full(ok.sum(), i), a[ok]]), np.column_stack([np.full(ok.sum(), j), b[ok]])]
     out = np.concatenate(points), np.concatenate(descriptors), np.concatenate(sources).astype(np.int64)
     return out if with_sources else out[:2]
+
+
+def ratio_matches(matcher: cv2.DescriptorMatcher, des_i: np.ndarray, des_j: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest-neighbour matches of descriptors des_i (n, D) in des_j (m, D) that pass the RATIO test ->
+    (index into des_i (k,), index into des_j (k,))."""
+    m = [a for a, b in matcher.knnMatch(des_i, des_j, k=2) if a.distance < RATIO * b.distance]
+    return np.array([x.queryIdx for x in m], int), np.array([x.trainIdx for x in m], int)
+
+
+def triangulate_pair(uv_i: np.ndarray, uv_j: np.ndarray, K_i: np.ndarray, T_i: np.ndarray, K_j: np.ndarray,
+                     T_j: np.ndarray, max_error_px: float, min_parallax_deg: float = MIN_PARALLAX_DEG
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Matched pixels uv_i, uv_j (n, 2) of two frames with K (3, 3) and T_map_cam (4, 4) -> (map-frame points
+    (n, 3), ok (n,)): ok where the point lies in front of both cameras, reprojects within max_error_px in both and
+    the rays meet at min_parallax_deg or more (below, its depth is poorly fixed)."""
+    P_i, P_j = K_i @ np.linalg.inv(T_i)[:3], K_j @ np.linalg.inv(T_j)[:3]
+    X = cv2.triangulatePoints(P_i, P_j, uv_i.T.astype(np.float64), uv_j.T.astype(np.float64))
+    with np.errstate(divide='ignore', invalid='ignore'):
+        X = (X[:3] / X[3]).T
+        ok = np.isfinite(X).all(1)
+        for P, uv in ((P_i, uv_i), (P_j, uv_j)):
+            x = X @ P[:, :3].T + P[:, 3]
+            ok &= (x[:, 2] > 0) & (np.linalg.norm(x[:, :2] / x[:, 2:] - uv, axis=1) < max_error_px)
+        r_i, r_j = X - T_i[:3, 3], X - T_j[:3, 3]
+        cos = np.sum(r_i * r_j, 1) / (np.linalg.norm(r_i, axis=1) * np.linalg.norm(r_j, axis=1))
+        ok &= cos <= np.cos(np.radians(min_parallax_deg))
+    return X, ok
 
 
 def _confirmed(X: np.ndarray, des_a: np.ndarray, des_b: np.ndarray, views: list, trees: list,

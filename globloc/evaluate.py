@@ -44,6 +44,7 @@ WRONG = (0.25, 10.0)  # a published pose at least this far off (metres or degree
 # frames, no odometry in a bag)
 SEQUENTIAL_PRIOR_COVARIANCE = np.diag([0.1 ** 2] * 3 + [np.radians(5.0) ** 2] * 3)
 DISTANCE_BINS_M = (0.0, 0.1, 0.25, 0.5, 1.0, np.inf)  # recall against the distance to the nearest map camera
+ANGLE_BINS_DEG = (0.0, 10.0, 20.0, 30.0, 45.0, 60.0, 180.0)  # ... and against the angle to that camera
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -324,7 +325,8 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     if backend != 'direct':
         report.update(trust_metrics(t_raw, r_raw, ok, T_est, T_gt, extras))
     if place_map is not None:
-        report['coverage_by_distance'] = coverage_by_distance(load_map(place_map), frames, t_err, r_err, extras)
+        cov = coverage(load_map(place_map), frames, t_err, r_err, extras)
+        report['coverage_by_distance'], report['coverage_by_angle'] = cov['by_distance'], cov['by_angle']
     if plots_dir:
         report['plots'] = [str(p) for p in plot_results(T_gt, T_est, plots_dir, ok=ok,
                                                         title=f'{Path(model_path).name} ({method})').values()]
@@ -363,14 +365,16 @@ def trust_metrics(t_raw: np.ndarray, r_raw: np.ndarray, ok: np.ndarray, T_est: n
             'within_3_sigma': float(within.mean()) if len(within) else math.nan}
 
 
-def coverage_by_distance(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray,
-                         extras: list[dict]) -> list[dict]:
-    """Recall at 10 cm / 10 deg against the distance from the nearest map keyframe (DISTANCE_BINS_M; a recorded camera every placemap.KEYFRAME_STEP), of the
-    published poses and of the one-shot poses (confidence ignored), with the median angle to that keyframe."""
+def coverage(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray,
+             extras: list[dict]) -> dict[str, list[dict]]:
+    """Recall at 10 cm / 10 deg of the published poses and of the one-shot poses (confidence ignored) against how
+    far each frame's camera is from the map's cameras (its keyframes: a recorded camera every
+    placemap.KEYFRAME_STEP): 'by_distance' bins the distance to the nearest keyframe (DISTANCE_BINS_M), with the
+    median angle to that keyframe; 'by_angle' bins that angle (ANGLE_BINS_DEG), with the median distance.
+    Empty lists for a map without keyframes."""
     if not len(place.keyframe_poses):
-        return []
+        return {'by_distance': [], 'by_angle': []}
     C = place.keyframe_poses[:, :3, 3].astype(np.float64)
-    rows = []
     dist, angle = np.zeros(len(frames)), np.zeros(len(frames))
     for k, f in enumerate(frames):
         d = np.linalg.norm(C - f.T_map_cam[:3, 3], axis=1)
@@ -378,14 +382,18 @@ def coverage_by_distance(place, frames: list[bg.Frame], t_err: np.ndarray, r_err
         dist[k], angle[k] = d[j], fr.rotation_error_deg(place.keyframe_poses[j, :3, :3], f.T_map_cam[:3, :3])
     shot = np.array([e['T_one_shot'] if 'T_one_shot' in e else np.full((4, 4), np.nan) for e in extras])
     t1, r1 = fr.pose_errors(shot, np.stack([f.T_map_cam for f in frames]))
-    for lo, hi in zip(DISTANCE_BINS_M[:-1], DISTANCE_BINS_M[1:]):
-        b = (dist >= lo) & (dist < hi)
-        if b.any():
-            rows.append({'from_m': lo, 'to_m': _finite(hi), 'frames': int(b.sum()),
-                         'median_angle_deg': float(np.median(angle[b])),
-                         'recall_10cm_10deg': float(np.mean((t_err[b] <= 0.1) & (r_err[b] <= 10))),
-                         'one_shot_recall_10cm_10deg': float(np.mean((t1[b] <= 0.1) & (r1[b] <= 10)))})
-    return rows
+    hit, hit1 = (t_err <= 0.1) & (r_err <= 10), (t1 <= 0.1) & (r1 <= 10)
+
+    def rows(value, bins, other, other_key):
+        out = []
+        for lo, hi in zip(bins[:-1], bins[1:]):
+            b = (value >= lo) & (value < hi)
+            if b.any():
+                out.append({'from': lo, 'to': _finite(hi), 'frames': int(b.sum()), other_key: float(np.median(other[b])),
+                            'recall_10cm_10deg': float(hit[b].mean()), 'one_shot_recall_10cm_10deg': float(hit1[b].mean())})
+        return out
+    return {'by_distance': rows(dist, DISTANCE_BINS_M, angle, 'median_angle_deg'),
+            'by_angle': rows(angle, ANGLE_BINS_DEG, dist, 'median_distance_m')}
 
 
 def frames_seen_in_training(meta: dict, bags, frames: list[bg.Frame]) -> int:
@@ -490,7 +498,7 @@ def plot_results(T_gt: np.ndarray, T_est: np.ndarray, out_dir, ok: np.ndarray | 
 def plot_trust(report: dict, T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray, extras: list[dict],
                out_dir) -> list[Path]:
     """error_vs_sigma.png: each published position's error against its predicted std (along the error), with
-    the 1 and 3 sigma lines; recall_vs_distance.png (with a map): recall against the distance from the map's
+    the 1 and 3 sigma lines; recall_vs_distance.png (with a map): recall against the distance from and the angle to the map's
     cameras, published and one-shot."""
     import matplotlib
     matplotlib.use('Agg')
@@ -516,18 +524,19 @@ def plot_trust(report: dict, T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray
                      f"{report['published_wrong']} wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg)")
         ax.legend(fontsize=8)
         paths.append(_save(fig, out_dir / 'error_vs_sigma.png'))
-    rows = report.get('coverage_by_distance') or []
-    if rows:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        labels = [f"{r['from_m']:g}-{r['to_m']:g} m\n({r['frames']})" if r['to_m'] else
-                  f"> {r['from_m']:g} m\n({r['frames']})" for r in rows]
-        x = np.arange(len(rows))
-        ax.bar(x - 0.2, [r['one_shot_recall_10cm_10deg'] * 100 for r in rows], 0.4, label='one-shot')
-        ax.bar(x + 0.2, [r['recall_10cm_10deg'] * 100 for r in rows], 0.4, label='published')
-        ax.set_xticks(x, labels, fontsize=8)
-        ax.set(ylabel='recall at 10 cm / 10 deg (%)', xlabel='distance from the nearest map camera (frames)',
-               ylim=(0, 100))
-        ax.legend()
+    panels = [(report.get('coverage_by_distance') or [], 'm', 'distance from the nearest map camera'),
+              (report.get('coverage_by_angle') or [], 'deg', 'angle to the nearest map camera')]
+    if panels[0][0]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, (rows, unit, what) in zip(axes, panels):
+            labels = [f"{r['from']:g}-{r['to']:g} {unit}\n({r['frames']})" if r['to'] else
+                      f"> {r['from']:g} {unit}\n({r['frames']})" for r in rows]
+            x = np.arange(len(rows))
+            ax.bar(x - 0.2, [r['one_shot_recall_10cm_10deg'] * 100 for r in rows], 0.4, label='one-shot')
+            ax.bar(x + 0.2, [r['recall_10cm_10deg'] * 100 for r in rows], 0.4, label='published')
+            ax.set_xticks(x, labels, fontsize=8)
+            ax.set(ylabel='recall at 10 cm / 10 deg (%)', xlabel=f'{what} (frames)', ylim=(0, 100))
+            ax.legend()
         paths.append(_save(fig, out_dir / 'recall_vs_distance.png'))
     return paths
 
@@ -554,10 +563,14 @@ def format_summary(r: dict) -> str:
                f"wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg) {r['published_wrong']}, within 3 sigma "
                f"{r['within_3_sigma']:.0%}" if 'paths' in r else '')
             + ''.join(f"\n  rejected x{n}: {reason}" for reason, n in r.get('rejection_reasons', {}).items())
-            + ''.join(f"\n  {row['from_m']:g}-{row['to_m'] or math.inf:g} m from the map's cameras "
+            + ''.join(f"\n  {row['from']:g}-{row['to'] or math.inf:g} m from the map's cameras "
                       f"({row['frames']} frames, median {row['median_angle_deg']:.0f} deg): recall 10cm/10deg "
                       f"{row['recall_10cm_10deg']:.0%} (one-shot {row['one_shot_recall_10cm_10deg']:.0%})"
                       for row in r.get('coverage_by_distance', []))
+            + ''.join(f"\n  {row['from']:g}-{row['to'] or 180:g} deg from the nearest map camera "
+                      f"({row['frames']} frames, median {row['median_distance_m']:.2f} m): recall 10cm/10deg "
+                      f"{row['recall_10cm_10deg']:.0%} (one-shot {row['one_shot_recall_10cm_10deg']:.0%})"
+                      for row in r.get('coverage_by_angle', []))
             + (f"; {r['frames_seen_in_training']} of these frames were training frames"
                if r.get('frames_seen_in_training') else '') + _heads_summary(r.get('heads')))
 

@@ -2,6 +2,7 @@
 a batch mean is the same whether the batch is split across distributed ranks or not.
 
 - scene_coord_loss: L_sc, robust Euclidean error of the predicted scene coordinates at the sparse labels;
+- dense_scene_coord_loss: the same at every cell with recorded depth (labels from depth and pose, --sc-labels dense);
 - depth_loss: L_depth, |d - d_gt| at the cells with valid depth;
 - pose_loss: L_pose, ||t - t_gt|| + beta * angle(R, R_gt) of the aligned pose;
 - relative_pose_loss: L_adj / L_dist, the same error between T_i^-1 T_j of two predicted poses and the edge's
@@ -14,6 +15,8 @@ import math
 
 import torch
 from torch.nn import functional as F
+
+from globloc_ros import frames as fr
 
 _EPS = 1e-12
 
@@ -49,6 +52,32 @@ def scene_coord_loss(scene_coords: torch.Tensor, labels: torch.Tensor, mask: tor
     err = torch.sqrt((pred - labels[..., :3]).square().sum(-1) + _EPS)
     m = mask.to(err.dtype)
     return (robust_distance(err, tau) * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def dense_labels(depth: torch.Tensor, K: torch.Tensor, T_map_cam: torch.Tensor, stride: int
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scene-coordinate labels at every cell from its depth: X_map = T_map_cam (d K^-1 [u, v, 1]) at the cell
+    centres. depth (B, h, w) metres at the cells (NaN: none), K (B, 3, 3) of the input image, T_map_cam (B, 4, 4)
+    -> (labels (B, 3, h, w) map frame, valid (B, h, w) bool)."""
+    B, h, w = depth.shape
+    valid = torch.isfinite(depth) & (depth > 0)
+    uv = fr.cell_centres(h, w, stride, device=depth.device, dtype=depth.dtype)
+    X = fr.backproject(torch.where(valid, depth, torch.ones_like(depth)).view(B, -1), uv, K)  # (B, hw, 3)
+    X = X @ T_map_cam[:, :3, :3].transpose(1, 2) + T_map_cam[:, None, :3, 3]
+    return X.transpose(1, 2).reshape(B, 3, h, w), valid
+
+
+def dense_scene_coord_loss(scene_coords: torch.Tensor, depth: torch.Tensor, K: torch.Tensor, T_map_cam: torch.Tensor,
+                           stride: int, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """L_sc per image (B,) at every cell with depth (dense_labels), and which images had any (B,) bool.
+
+    scene_coords (B, 3, h, w) map frame; depth (B, h, w) at the same cells; K, T_map_cam as in dense_labels.
+    """
+    labels, valid = dense_labels(depth, K, T_map_cam, stride)
+    err = torch.sqrt((scene_coords - labels).square().sum(1) + _EPS)
+    m = valid.to(err.dtype)
+    n = m.flatten(1).sum(1)
+    return (robust_distance(err, tau) * m).flatten(1).sum(1) / n.clamp(min=1.0), n > 0
 
 
 def depth_loss(depth: torch.Tensor, depth_gt: torch.Tensor) -> torch.Tensor:

@@ -147,8 +147,8 @@ def globloc_row(method: str, model, frames, bags, backend: str, depth: bool, pla
                    np.array([nan_to_inf(p['ungated_rotation_error_deg']) for p in pf]),
                    np.array([p['time_ms'] for p in pf]))
     row['per_frame']['path'] = [p.get('path', 'one-shot') for p in pf]
-    row.update({k: rep[k] for k in ('model', 'paths', 'rejection_reasons', 'within_3_sigma', 'coverage_by_distance')
-                if k in rep})
+    row.update({k: rep[k] for k in ('model', 'paths', 'rejection_reasons', 'within_3_sigma', 'coverage_by_distance',
+                                    'coverage_by_angle') if k in rep})
     paths = np.array(row['per_frame']['path'])
     times = np.array(row['per_frame']['time_ms'])
     row['ms_by_path'] = {p: {'p50': float(np.percentile(times[paths == p], 50)),

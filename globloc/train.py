@@ -51,7 +51,7 @@ RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'wa
                'w_pose', 'w_rel', 'beta', 'sc_clamp', 'jitter', 'no_relative', 'no_depth', 'seed', 'label_fraction',
                'max_frames', 'grad_clip', 'init', 'aug_scale', 'aug_rotate', 'aug_shift',
                'widths', 'dilations', 'norm', 'aug_translate', 'aug_turn', 'rgbd', 'holdout', 'aug_keep',
-               'backbone', 'backbone_lr', 'freeze')
+               'backbone', 'backbone_lr', 'freeze', 'sc_labels')
 
 
 # Default weights of L_pose and of L_adj + L_dist, without and with --rgbd.
@@ -64,6 +64,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='model file to write (a checkpoint OUT.ckpt is kept beside it)')
     p.add_argument('--label-fraction', type=float, default=0.005,
                    help='fraction of the recorded image pixels with a 3D label, in (0, 1] (default 0.005)')
+    p.add_argument('--sc-labels', choices=('sparse', 'dense'), default='sparse',
+                   help='scene-coordinate supervision: sparse = the labels (landmarks, or --label-fraction of the '
+                        'depth pixels, or triangulated), as in the paper; dense = every cell with recorded depth '
+                        '(frames without depth keep their sparse labels) (default sparse)')
     p.add_argument('--steps', type=int, default=5000, help='optimiser steps (default 5000)')
     p.add_argument('--batch', type=int, default=8, help='tuples per step, 3 images each (default 8)')
     p.add_argument('--lr', type=float, default=4e-3, help='peak learning rate of AdamW (default 4e-3)')
@@ -377,6 +381,10 @@ def step_losses(net, batch: dict, rel: torch.Tensor, a: argparse.Namespace, step
     zero = torch.zeros(3 * B, device=R.device)
     if hasattr(pred, 'scene_coords'):
         l_sc = ls.scene_coord_loss(pred.scene_coords, batch['labels'], batch['label_mask'], stride, tau)
+        if a.sc_labels == 'dense':
+            l_dense, has_depth = ls.dense_scene_coord_loss(pred.scene_coords, batch['depth'], batch['K'], batch['T'],
+                                                          stride, tau)
+            l_sc = torch.where(has_depth, l_dense, l_sc)
         l_depth = zero if a.no_depth else ls.depth_loss(pred.depth, batch['depth'])
     else:  # direct regression: no maps to supervise
         l_sc = l_depth = zero

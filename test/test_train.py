@@ -75,6 +75,26 @@ def test_depth_loss_ignores_invalid_cells():
     assert float(ls.depth_loss(pred, gt)) == pytest.approx(1.0)
 
 
+def test_dense_labels_are_the_surface_the_landmarks_lie_on(tiny_scene):
+    """--sc-labels dense: each cell's label is its recorded depth back-projected into the map frame; on the
+    synthetic scene (exact depth, exact landmarks) they agree with the sparse labels where both exist, the loss
+    is zero at the labels themselves, and an image without depth falls back (has_depth False)."""
+    data = ds.build_train_data(ds.load_sequences(_train_bags(tiny_scene), 0.005, max_frames=4), (128, 96))
+    batch = ds.batch_tensors(data, np.arange(len(data)))
+    labels, valid = ls.dense_labels(batch['depth'], batch['K'], batch['T'], 8)
+    assert valid.float().mean() > 0.8
+    at_landmarks = ls.sample_cells(labels, batch['labels'][..., 3:5], 8)
+    near = ls.sample_cells(valid[:, None].float(), batch['labels'][..., 3:5], 8)[..., 0] > 1 - 1e-6
+    keep = batch['label_mask'] & near
+    err = (at_landmarks - batch['labels'][..., :3]).norm(dim=-1)[keep]
+    assert keep.sum() > 50 and float(err.median()) < 0.02, float(err.median())
+    loss, has = ls.dense_scene_coord_loss(labels, batch['depth'], batch['K'], batch['T'], 8, tau=0.1)
+    assert has.all() and float(loss.max()) < 1e-5
+    none = torch.full_like(batch['depth'], float('nan'))
+    loss, has = ls.dense_scene_coord_loss(labels + 1.0, none, batch['K'], batch['T'], 8, tau=0.1)
+    assert not has.any() and float(loss.abs().max()) == 0.0
+
+
 # ------------------------------------------------------------------------------------------------ data
 def test_sampler_is_a_pure_function_of_seed_and_step(tiny_scene):
     seqs = ds.load_sequences(_train_bags(tiny_scene), 0.005)

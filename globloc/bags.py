@@ -50,33 +50,12 @@ from tqdm import tqdm
 from globloc import graph
 from globloc_ros import frames as fr
 from globloc_ros import imgmsg
+from globloc_ros.bagfiles import BagError, Topics, bag_paths, storage_files  # noqa: F401 (globloc.bags.* elsewhere)
 
 EDGE_MSGTYPE = 'globloc_msgs/msg/PoseGraphEdge'
 EDGE_MSG_FILE = Path(__file__).with_name('msg') / 'PoseGraphEdge.msg'
 DEPTH_ENCODINGS = tuple(imgmsg.DEPTH_ENCODINGS)
 _MCAP_MAGIC = b'\x89MCAP0\r\n'
-_STORAGE_SUFFIXES = ('.mcap', '.db3')
-
-
-class BagError(RuntimeError):
-    """A bag that cannot be read as the data contract; the message names file, topic and stamp."""
-
-
-@dataclass(frozen=True)
-class Topics:
-    """Topic names of the data contract.
-
-    Images come from `image` when the bag has it, else from `compressed`. `odometry`, when set, replaces
-    `pose` by a nav_msgs/Odometry topic (its pose, T_map_cam of the optical frame, is used).
-    """
-    image: str = '/camera/image_raw'
-    compressed: str = '/camera/image_raw/compressed'
-    camera_info: str = '/camera/camera_info'
-    depth: str = '/camera/depth/image_raw'
-    pose: str = '/globloc/gt_pose'
-    odometry: str | None = None
-    landmarks: str = '/globloc/landmarks'
-    graph: str = '/globloc/pose_graph'
 
 
 def parse_topics(items: Iterable[str] | None) -> Topics:
@@ -216,10 +195,6 @@ def _fmt_stamp(stamp_ns: int) -> str:
     return f'{stamp_ns // 1_000_000_000}.{stamp_ns % 1_000_000_000:09d}'
 
 
-def _storage_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix in _STORAGE_SUFFIXES)
-
-
 def _salvage_mcap(file: Path, report: ReadReport) -> tuple[dict[str, str], list[tuple[str, int, bytes]]]:
     """Topics and messages of an MCAP file whose summary is unreadable (e.g. cut short).
 
@@ -291,7 +266,7 @@ class _Messages:
         except (ReaderError, FileNotFoundError, OSError, ValueError, KeyError) as e:
             self._reader = None
             # A damaged MCAP index or summary is worth a scan; anything else is not a bag we can read.
-            mcaps = [path] if path.is_file() else [f for f in _storage_files(path) if f.suffix == '.mcap']
+            mcaps = [path] if path.is_file() else [f for f in storage_files(path) if f.suffix == '.mcap']
             if not mcaps:
                 raise BagError(f'{path}: not a rosbag2 bag ({e})') from e
             self.topics, merged = {}, []
@@ -750,22 +725,6 @@ def _edge_records(items: list, path: Path, topic: str, report: ReadReport) -> li
         out.append(EdgeRecord(seq_i=int(m.seq_i), stamp_i_ns=_stamp(m.stamp_i), seq_j=int(m.seq_j),
                               stamp_j_ns=_stamp(m.stamp_j), kind=int(m.kind), T_i_j=T,
                               covariance=np.asarray(m.covariance, dtype=np.float64).reshape(6, 6).copy()))
-    return out
-
-
-def bag_paths(paths: Iterable) -> list[Path]:
-    """Expand bag folders, .mcap/.db3 files and folders of bag folders into bag paths (sorted per folder)."""
-    out = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise BagError(f'{p}: no such bag (file or folder does not exist)')
-        if p.is_dir() and not (p / 'metadata.yaml').exists():
-            inner = sorted(c for c in p.iterdir()
-                           if c.is_dir() and ((c / 'metadata.yaml').exists() or _storage_files(c)))
-            if inner:
-                out += inner
-                continue
-        out.append(p)
     return out
 
 

@@ -42,7 +42,7 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 from rclpy.utilities import remove_ros_args
 
-from globloc.bags import Topics, bag_paths
+from globloc_ros.bagfiles import Topics, bag_paths
 from globloc_ros.share import share_file
 
 DEFAULT_TOPICS = (Topics.image, Topics.compressed, Topics.camera_info)

@@ -99,7 +99,7 @@ def compare(a: argparse.Namespace) -> dict:
     if a.seeds < 1 or a.steps < 1:
         raise ValueError(f'--seeds and --steps must be >= 1 (got {a.seeds}, {a.steps})')
     holdout = _holdout(a)
-    frames = ev.load_test_frames(a.test_bags, a.split)
+    frames = ev.TestFrames(a.test_bags, a.split)  # streamed: never all images in memory
     if not frames:
         raise ValueError(f'no test frames in {a.test_bags}')
     rgbd = bool(getattr(a, 'rgbd', False))

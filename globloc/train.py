@@ -57,6 +57,7 @@ RECIPE_KEYS = ('arch', 'input_size', 'batch', 'steps', 'lr', 'weight_decay', 'wa
 # Default weights of L_pose and of L_adj + L_dist, without and with --rgbd.
 W_POSE = {False: 0.05, True: 1.0}
 W_REL = {False: 0.2, True: 1.0}
+SC_LABELS = {False: 'sparse', True: 'dense'}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,10 +65,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='model file to write (a checkpoint OUT.ckpt is kept beside it)')
     p.add_argument('--label-fraction', type=float, default=0.005,
                    help='fraction of the recorded image pixels with a 3D label, in (0, 1] (default 0.005)')
-    p.add_argument('--sc-labels', choices=('sparse', 'dense'), default='sparse',
+    p.add_argument('--sc-labels', choices=('sparse', 'dense'), default=None,
                    help='scene-coordinate supervision: sparse = the labels (landmarks, or --label-fraction of the '
                         'depth pixels, or triangulated), as in the paper; dense = every cell with recorded depth '
-                        '(frames without depth keep their sparse labels) (default sparse)')
+                        '(frames without depth keep their sparse labels) (default: dense with --rgbd, else sparse)')
     p.add_argument('--steps', type=int, default=5000, help='optimiser steps (default 5000)')
     p.add_argument('--batch', type=int, default=8, help='tuples per step, 3 images each (default 8)')
     p.add_argument('--lr', type=float, default=4e-3, help='peak learning rate of AdamW (default 4e-3)')
@@ -167,9 +168,12 @@ def make_args(args: argparse.Namespace | dict | None = None, **kwargs) -> argpar
     if isinstance(d['bags'], (str, os.PathLike)):
         d['bags'] = [d['bags']]
     # --rgbd alone picks its recipe: with the recorded depth in the alignment, the pose and relative terms at
-    # weight 1 (models/README.md: 2.3 cm against 2.7 cm held out with the monocular weights)
+    # weight 1 (models/README.md: 2.3 cm against 2.7 cm held out with the monocular weights),
     d['w_pose'] = W_POSE[bool(d['rgbd'])] if d['w_pose'] is None else d['w_pose']
     d['w_rel'] = W_REL[bool(d['rgbd'])] if d['w_rel'] is None else d['w_rel']
+    # and dense labels: on real RGB-D (SUN3D, docs/relocalization.md) they cover the walls and floors that sparse
+    # labels at image features miss
+    d['sc_labels'] = SC_LABELS[bool(d['rgbd'])] if d['sc_labels'] is None else d['sc_labels']
     return argparse.Namespace(**d)
 
 
@@ -304,7 +308,7 @@ def load_checkpoint(path: Path, a: argparse.Namespace, config: NetConfig) -> dic
         raise ValueError(f'--resume: {path} has checkpoint version {ck.get("version")} / model format '
                          f'{ck.get("model_format_version")}; this build writes {CKPT_VERSION} / '
                          f'{modelfile.FORMAT_VERSION}: start over with --force')
-    defaults = _defaults()  # a key missing from an older checkpoint had its default then
+    defaults = dict(_defaults(), sc_labels='sparse')  # a key missing from an older checkpoint had its default then
     diffs = [f'{k}: checkpoint {ck["recipe"].get(k, defaults[k])!r} vs now {v!r}' for k, v in recipe(a).items()
              if ck['recipe'].get(k, defaults[k]) != v]
     mine = config.to_dict()

@@ -429,7 +429,8 @@ def test_cli_prints_one_clear_line(tiny_scene, tmp_path, capsys):
 
 
 def test_rgbd_training_aligns_with_the_recorded_depth(tiny_scene):
-    """--rgbd: L_pose is the pose of the alignment fed with the recorded depth; L_sc and L_depth are unchanged."""
+    """--rgbd: L_pose is the pose of the alignment fed with the recorded depth; L_sc and L_depth are unchanged
+    with the same labels, and --rgbd picks dense ones."""
     from globloc import train as tr
     from globloc_ros.align import align_weighted
     from globloc_ros.net import GlobLocNet, NetConfig
@@ -440,12 +441,16 @@ def test_rgbd_training_aligns_with_the_recorded_depth(tiny_scene):
     net = GlobLocNet(NetConfig(input_size=(64, 48), norm='group', scene_centre=(3.0, 2.5, 1.5), scene_scale=2.0))
     jitter = ds.jitter_params(0, 0, 6, 0.0)  # strength 0: the identity
     terms = {}
-    for rgbd in (False, True):
-        a = tr.make_args(bags=_train_bags(tiny_scene), out='unused.pt', rgbd=rgbd, ramp='0:0')
+    for rgbd, labels in ((False, 'sparse'), (True, 'sparse'), (True, None)):
+        a = tr.make_args(bags=_train_bags(tiny_scene), out='unused.pt', rgbd=rgbd, ramp='0:0', sc_labels=labels)
         _, t = tr.step_losses(net, batch, torch.tensor(rel, dtype=torch.float32), a, 0, 8, 0.2, jitter)
-        terms[rgbd] = t
-    assert torch.equal(terms[False][:2], terms[True][:2])  # L_sc, L_depth
-    assert not torch.allclose(terms[False][2], terms[True][2])  # L_pose
+        terms[rgbd, labels] = t
+    assert tr.make_args(bags=['b'], out='o.pt').sc_labels == 'sparse'  # the paper's sparse labels by default
+    assert tr.make_args(bags=['b'], out='o.pt', rgbd=True).sc_labels == 'dense'  # --rgbd picks dense ones
+    assert torch.equal(terms[False, 'sparse'][:2], terms[True, 'sparse'][:2])  # L_sc, L_depth
+    assert not torch.allclose(terms[False, 'sparse'][2], terms[True, 'sparse'][2])  # L_pose
+    assert not torch.allclose(terms[True, 'sparse'][0], terms[True, None][0])  # L_sc, dense
+    assert torch.equal(terms[True, 'sparse'][1:], terms[True, None][1:])
     # The alignment the --rgbd loss saw, rebuilt here: the recorded depth at the cells, the head's where none.
     with torch.no_grad():
         _, scene, head_depth, logits = net.heads(batch['images'].float(), batch['K'])
@@ -454,7 +459,7 @@ def test_rgbd_training_aligns_with_the_recorded_depth(tiny_scene):
         depth = torch.where(torch.isfinite(recorded), recorded, head_depth.reshape(6, -1))
         cam = fr.backproject(depth, fr.cell_centres(6, 8, 8), batch['K'])
         pose = align_weighted(cam, scene.flatten(2).transpose(1, 2), torch.softmax(logits, 1))
-    assert torch.allclose(ls.pose_loss(pose.R, pose.t, batch['T'], 1.0).mean(), terms[True][2], rtol=1e-4)
+    assert torch.allclose(ls.pose_loss(pose.R, pose.t, batch['T'], 1.0).mean(), terms[True, None][2], rtol=1e-4)
 
 
 def test_geometric_augmentation_keeps_relative_poses_exact(tiny_scene):

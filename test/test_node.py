@@ -10,6 +10,7 @@ Two node configurations run one after the other (class-scoped, so their TF trees
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -498,21 +499,23 @@ class TestDepth:
         assert 'CameraInfo.width/height says' in diag['last_reason_depth'] and node.alive()
 
 
+@pytest.fixture(scope='module')
+def map_path(setup, tmp_path_factory):
+    """A place map of the tiny scene's training sequences."""
+    from globloc.bags import read_sequence
+    from globloc_ros.placemap import View, build_map, save_map
+    scene = setup['bag'].parent
+    views = [View(f.image, f.K, f.T_map_cam, f.depth) for i in (0, 1)
+             for f in read_sequence(scene / f'seq_0{i}', seq=i, progress=False).frames]
+    path = tmp_path_factory.mktemp('map') / 'train.map.npz'
+    save_map(build_map(views), path)
+    return path
+
+
 class TestDepthMap:
     """RGB-D with a map of the training sequences: the node publishes what the offline Localizer with the same map
     gives, refined (ICP with the frame's depth, image features for a frame without) or, where the refinement
     refuses, one-shot, and counts both."""
-
-    @pytest.fixture(scope='class')
-    def map_path(self, setup, tmp_path_factory):
-        from globloc.bags import read_sequence
-        from globloc_ros.placemap import View, build_map, save_map
-        scene = setup['bag'].parent
-        views = [View(f.image, f.K, f.T_map_cam, f.depth) for i in (0, 1)
-                 for f in read_sequence(scene / f'seq_0{i}', seq=i, progress=False).frames]
-        path = tmp_path_factory.mktemp('map') / 'train.map.npz'
-        save_map(build_map(views), path)
-        return path
 
     @pytest.fixture(scope='class')
     def node(self, peer, setup, map_path, tmp_path_factory):
@@ -695,3 +698,63 @@ def test_best_effort_camera_info_per_frame(peer, setup, tmp_path_factory):
     finally:
         assert node.stop() == 0, node.output()
         peer.node.destroy_publisher(info_pub)
+
+
+class TestTracking:
+    """With a map, the last published pose is the next frame's prior (as it was: no odometry in tf2): with a
+    one-shot gate that refuses every pose, a robot standing still (the same view, new stamps; the tiny scene's
+    frames are a twenty-fourth of a loop apart) is recovered once, then tracked from the prior, over DDS, as the
+    offline Localizer does given the same prior; /globloc/relocalize forgets the prior."""
+
+    @pytest.fixture(scope='class')
+    def node(self, peer, setup, map_path, tmp_path_factory):
+        log = tmp_path_factory.mktemp('node_tracking') / 'node.log'
+        node = start_node(peer, ['-p', f'model:={setup["model"]}', '-p', f'place_map:={map_path}', '-p', 'qos:=reliable',
+                                 '-p', 'diagnostics_period:=0.1', '-p', 'prior_timeout:=100.0',
+                                 '-p', 'max_residual_m:=1e-9'], log)
+        yield node
+        assert node.stop() == 0, node.output()
+
+    def _run(self, peer, node, lz, frames, offset_ns: int, prior=None) -> list[str]:
+        from globloc_ros.node import PRIOR_COVARIANCE
+        paths = []
+        for f in frames:
+            stamp = f.stamp_ns + offset_ns
+            ref = lz.localize(f.image, f.K, None, prior=prior)
+            rejected = int(peer.fresh_diag()['frames_rejected'])
+            peer.send(f, stamp_ns=stamp)
+            paths.append(ref.path)
+            if not ref.confident:
+                assert peer.wait(lambda: int(peer.diag['frames_rejected']) > rejected, 10), node.output()
+                continue
+            assert peer.wait(lambda: stamp in peer.poses_cov, 10), node.output()
+            with peer.lock:
+                msg = peer.poses_cov[stamp]
+            assert_pose_close(pose_matrix(msg.pose.pose), ref.T_map_cam)
+            prior = (ref.T_map_cam, ref.covariance + PRIOR_COVARIANCE)
+        return paths
+
+    def test_frames_after_a_recovery_are_tracked_from_the_last_pose(self, node, peer, setup, map_path):
+        from globloc_ros.runtime import Localizer
+        lz = Localizer(setup['model'], place_map=map_path, max_residual_m=1e-9)
+        before = {p: int(peer.fresh_diag()[f'frames_{p}']) for p in ('refined', 'tracked', 'recovered')}
+        still = [dataclasses.replace(setup['frames'][0], stamp_ns=setup['frames'][0].stamp_ns + k * 33_000_000)
+                 for k in range(4)]
+        paths = self._run(peer, node, lz, still, 80_000_000_000)
+        assert paths == ['recovered', 'tracked', 'tracked', 'tracked'], paths
+        diag = peer.fresh_diag()
+        assert {p: int(diag[f'frames_{p}']) - before[p] for p in before} == \
+            {p: paths.count(p) for p in before}, (diag, paths)
+        # /globloc/relocalize: the robot may have been carried off; the next frame is searched for, not tracked.
+        client = peer.node.create_client(Trigger, '/globloc/relocalize')
+        try:
+            assert client.wait_for_service(timeout_sec=10)
+            future = client.call_async(Trigger.Request())
+            assert peer.wait(future.done, 10) and future.result().success
+        finally:
+            peer.node.destroy_client(client)
+        before = {p: int(peer.fresh_diag()[f'frames_{p}']) for p in ('tracked', 'recovered')}
+        assert self._run(peer, node, lz, still[:1], 90_000_000_000) == ['recovered']
+        diag = peer.fresh_diag()
+        assert int(diag['frames_tracked']) == before['tracked']
+        assert int(diag['frames_recovered']) == before['recovered'] + 1

@@ -389,8 +389,9 @@ def coverage(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray
         for lo, hi in zip(bins[:-1], bins[1:]):
             b = (value >= lo) & (value < hi)
             if b.any():
-                out.append({'from': lo, 'to': _finite(hi), 'frames': int(b.sum()), other_key: float(np.median(other[b])),
-                            'recall_10cm_10deg': float(hit[b].mean()), 'one_shot_recall_10cm_10deg': float(hit1[b].mean())})
+                out.append({'from': lo, 'to': _finite(hi), 'frames': int(b.sum()),
+                            other_key: float(np.median(other[b])), 'recall_10cm_10deg': float(hit[b].mean()),
+                            'one_shot_recall_10cm_10deg': float(hit1[b].mean())})
         return out
     return {'by_distance': rows(dist, DISTANCE_BINS_M, angle, 'median_angle_deg'),
             'by_angle': rows(angle, ANGLE_BINS_DEG, dist, 'median_distance_m')}
@@ -498,8 +499,8 @@ def plot_results(T_gt: np.ndarray, T_est: np.ndarray, out_dir, ok: np.ndarray | 
 def plot_trust(report: dict, T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray, extras: list[dict],
                out_dir) -> list[Path]:
     """error_vs_sigma.png: each published position's error against its predicted std (along the error), with
-    the 1 and 3 sigma lines; recall_vs_distance.png (with a map): recall against the distance from and the angle to the map's
-    cameras, published and one-shot."""
+    the 1 and 3 sigma lines; recall_vs_distance.png (with a map): recall against the distance from and the angle to
+    the map's cameras, published and one-shot."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt

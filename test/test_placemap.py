@@ -452,7 +452,8 @@ def test_eval_reports_paths_trust_and_coverage(tiny_model, scene_map, tmp_path, 
     assert r['published'] > 0 and r['within_3_sigma'] >= 0.9
     assert sum(row['frames'] for row in r['coverage_by_distance']) == r['frames']
     assert sum(row['frames'] for row in r['coverage_by_angle']) == r['frames']
-    assert all(0 <= row['one_shot_recall_10cm_10deg'] <= 1 for row in r['coverage_by_distance'] + r['coverage_by_angle'])
+    assert all(0 <= row['one_shot_recall_10cm_10deg'] <= 1
+               for row in r['coverage_by_distance'] + r['coverage_by_angle'])
     for name in ('error_vs_sigma.png', 'recall_vs_distance.png'):
         assert (tmp_path / 'plots' / name).stat().st_size > 10_000
     text = ev.format_summary(r)

@@ -54,6 +54,7 @@ GATES_M = (0.2, 0.1, *[0.05] * 18)
 MIN_POINTS = 50
 MIN_EIGENVALUE = 1e-3  # of the per-point normal matrix A^T A / N: below it a direction is not constrained
 MIN_INLIER_FRACTION = 0.5
+ICP_CONVERGED = 1e-3  # an ICP step below this (m, rad; 1 mm, 0.06 deg: a twentieth of the voxel) ends it
 MAX_CORRECTION = (0.3, 10.0)  # metres, degrees: an RGB-D one-shot pose this far off would not have passed its gate
 MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors, 1500 cost twice the time on 640x480
 # Features. Search radii (pixels at 320x240, scaled with the image width) of the two matching rounds: around where
@@ -553,7 +554,7 @@ def refine_icp(place: PlaceMap, T_map_cam: np.ndarray, depth: np.ndarray, K: np.
         pinned = lam >= MIN_EIGENVALUE
         x = -V[:, pinned] @ ((V[:, pinned].T @ (A.T @ r / len(r))) / lam[pinned])
         R, c = cv2.Rodrigues(x[:3])[0] @ R, c + x[3:]
-        if np.abs(x).max() < 1e-6:
+        if np.abs(x).max() < ICP_CONVERGED:
             break
     dist, j = place.tree.query(X @ R.T + c, distance_upper_bound=gates_m[-1])
     hit = np.isfinite(dist)

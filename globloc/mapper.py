@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from globloc import bags as bg
 from globloc import dataset as ds
-from globloc_ros.placemap import MAP_FEATURES, VOXEL_M, View, build_map, save_map
+from globloc_ros.placemap import MAP_FEATURES, MAP_FEATURES_WITHOUT_DEPTH, VOXEL_M, View, build_map, save_map
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +29,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', required=True, help='map file to write (.npz)')
     p.add_argument('--voxel', type=float, default=VOXEL_M, help=f'surface averaging voxel, metres (default {VOXEL_M})')
     p.add_argument('--stride', type=int, default=2, help='surfaces from every stride-th depth pixel (default 2)')
-    p.add_argument('--features', type=int, default=MAP_FEATURES,
-                   help=f'ORB features per frame (default {MAP_FEATURES}; 0: surfaces only; bags without depth: '
-                        'more, e.g. 2000, as only the features matched between frames are kept)')
+    p.add_argument('--features', type=int, default=None,
+                   help=f'ORB features per frame (default {MAP_FEATURES} for a frame with depth, '
+                        f'{MAP_FEATURES_WITHOUT_DEPTH} without, as only the features matched between frames are kept '
+                        'there; 0: surfaces only)')
     p.add_argument('--holdout', default=None, help="'every:K': leave out the frames `globloc eval --split every:K` "
                                                    'scores, as `globloc train --holdout` does')
     p.add_argument('--force', action='store_true', help='overwrite an existing file')
@@ -42,7 +43,7 @@ def run(a: argparse.Namespace) -> int:
     out = Path(a.out)
     if out.exists() and not a.force:
         raise ValueError(f'{out} already exists; pass --force to overwrite it')
-    if a.stride < 1 or a.features < 0:
+    if a.stride < 1 or (a.features or 0) < 0:
         raise ValueError(f'--stride must be >= 1 and --features >= 0, got {a.stride} and {a.features}')
     topics = bg.parse_topics(a.topic)
     t0 = time.perf_counter()

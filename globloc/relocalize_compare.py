@@ -40,7 +40,7 @@ from globloc import bags as bg
 from globloc import evaluate as ev
 from globloc import sift_pnp
 from globloc_ros import frames as fr
-from globloc_ros.placemap import MAP_FEATURES, View, build_map, save_map
+from globloc_ros.placemap import View, build_map, save_map
 
 WARMUP = 3  # as evaluate.localize_frames
 SIFT_ROW = 'SIFT + PnP-RANSAC'
@@ -57,9 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--query-frames', default=None, metavar='A:B', help='the same for each query bag')
     p.add_argument('--map', default=None, metavar='FILE',
                    help='a place map file to use for the globloc rows (default: built here from the map frames)')
-    p.add_argument('--map-features', type=int, default=MAP_FEATURES,
-                   help=f'ORB features per frame of the place map built here (default {MAP_FEATURES}, as '
-                        '`globloc map`)')
+    p.add_argument('--map-features', type=int, default=None,
+                   help='ORB features per frame of the place map built here (default: as `globloc map`)')
     p.add_argument('--depth', action='store_true', help='also the RGB-D rows (the query frames need recorded depth)')
     p.add_argument('--backend', default='onnxruntime', choices=('torch', 'onnxruntime', 'auto'),
                    help="the Localizer's backend (default onnxruntime)")

@@ -41,6 +41,9 @@ MAP_VERSION = 2  # 2: keyframes and their bag-of-words vectors (global recovery)
 # (2 cm voxel): 3 were 10 % more accurate and 1.8x slower to match.
 VOXEL_M = 0.02
 MAP_FEATURES = 500
+# Frames without depth keep only the features triangulated with other frames: more per frame (castle place, 9
+# queries: 7.8 cm median, 67 % within 10 cm with 2000, against 11.0 cm and 11 % with 500; docs/relocalization.md)
+MAP_FEATURES_WITHOUT_DEPTH = 2000
 FEATURE_VOXEL_M, FEATURES_PER_VOXEL = 0.02, 1
 # Triangulation (frames without depth): each frame with the PAIR_NEIGHBOURS farthest frames whose optical axes are
 # within PAIR_MAX_ANGLE_DEG (the nearest frames of a video see the place from almost the same point: what passes the
@@ -310,12 +313,13 @@ def _confirmed(X: np.ndarray, des_a: np.ndarray, des_b: np.ndarray, views: list,
     return ok
 
 
-def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int = MAP_FEATURES,
+def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_features: int | None = None,
               meta: dict | None = None) -> PlaceMap:
     """Recorded frames -> PlaceMap. Surfaces (frames with depth): every stride-th depth pixel's point and normal
     in the map frame, averaged per voxel (m), accumulated as it goes so memory follows the map's size, not the
-    number of frames. Features: up to n_features ORB features per frame, with depth (frame_features) or triangulated
-    between frames without (triangulate_features); at most FEATURES_PER_VOXEL per FEATURE_VOXEL_M voxel.
+    number of frames. Features: up to n_features ORB features per frame (None: MAP_FEATURES for a frame with depth,
+    MAP_FEATURES_WITHOUT_DEPTH without), with depth (frame_features) or triangulated between frames without
+    (triangulate_features); at most FEATURES_PER_VOXEL per FEATURE_VOXEL_M voxel.
     Raises ValueError when neither comes out."""
     if not voxel > 0:
         raise ValueError(f'voxel must be > 0 m, got {voxel}')
@@ -323,7 +327,8 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     sums = np.zeros((0, 7))  # point xyz, normal xyz, count
     pending: list[np.ndarray] = []
     feature_points, descriptors = [], []
-    detector = orb(n_features)
+    detectors = {True: orb(MAP_FEATURES if n_features is None else n_features),
+                 False: orb(MAP_FEATURES_WITHOUT_DEPTH if n_features is None else n_features)}  # by: has depth
 
     def reduce(keys, sums, chunk):
         P = np.concatenate(chunk)
@@ -337,14 +342,15 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     without_depth = []  # (uv, descriptors, K, T_map_cam) to triangulate
     keyframes = []  # (T_map_cam, K, (W, H), descriptors)
     for view in views:
-        uv, des = detect(view.image, detector) if n_features else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
+        detector = detectors[view.depth is not None]
+        uv, des = detect(view.image, detector) if n_features != 0 else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
         if len(des) and (not keyframes or _moved(keyframes[-1][0], view.T_map_cam, KEYFRAME_STEP)):
             keyframes.append((view.T_map_cam, view.K, view.image.shape[1::-1], des))
         if view.depth is None:
             if len(des):
                 without_depth.append((uv, des, view.K, view.T_map_cam))
             continue
-        if n_features:
+        if n_features != 0:
             X, des = frame_features(view, detector, (uv, des))
             feature_points.append(X)
             descriptors.append(des)

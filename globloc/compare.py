@@ -54,6 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rgbd', action='store_true', help='globloc rows: train --rgbd, evaluate with the recorded depth')
     p.add_argument('--w-pose', type=float, default=None, help="globloc rows' L_pose weight (default: train's)")
     p.add_argument('--w-rel', type=float, default=None, help="globloc rows' L_adj + L_dist weight (default: train's)")
+    p.add_argument('--sc-labels', choices=('sparse', 'dense'), default=None,
+                   help="globloc rows' scene-coordinate labels (default: train's)")
     p.add_argument('--aug-translate', type=float, default=None,
                    help="every model's novel-view translation (fraction of the median depth; 0 = no novel views; "
                         "default: train's)")
@@ -104,7 +106,7 @@ def compare(a: argparse.Namespace) -> dict:
         raise ValueError(f'no test frames in {a.test_bags}')
     rgbd = bool(getattr(a, 'rgbd', False))
     ours = {k: v for k, v in (('rgbd', rgbd), ('w_pose', getattr(a, 'w_pose', None)),
-                              ('w_rel', getattr(a, 'w_rel', None))) if v}
+                              ('w_rel', getattr(a, 'w_rel', None)), ('sc_labels', getattr(a, 'sc_labels', None))) if v}
     place_map = getattr(a, 'map', None)
     # (model name, row label, pose method, training flags or None to reuse the model, refine against the map)
     plan = [('globloc', 'globloc', 'align', ours, False),

@@ -40,7 +40,7 @@ import torch
 
 from globloc_ros import align as _align
 from globloc_ros.atomic import atomic_write
-from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, scale_intrinsics
+from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, pose_errors, scale_intrinsics
 from globloc_ros.net import with_measured_depth
 from globloc_ros.onnx_export import EXPORT_VERSION, GRAPH_FORMAT, INPUT_NAMES, OUTPUT_NAMES, file_sha256, onnx_graph
 from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, recover, refine
@@ -54,6 +54,7 @@ COVARIANCE_UNKNOWN = 1e6  # variance (m^2, rad^2) reported when the outputs are 
 BACKENDS = ('auto', 'tensorrt', 'onnxruntime', 'torch')
 MAX_RESIDUAL_M = 0.25  # default confidence gate: weighted RMS alignment residual (m) ...
 MIN_EFFECTIVE_POINTS = 10.0  # ... and effective point count (1 / sum w^2)
+AMBIGUOUS = (0.25, 10.0)  # m, deg: a recovered pose this far from where the map also fits the frame is not published
 
 
 class LocalizerError(RuntimeError):
@@ -291,6 +292,19 @@ def covariance(residual: float, n_eff: float, spread: float) -> np.ndarray:
         return np.eye(6) * COVARIANCE_UNKNOWN
     t = lambda v: torch.tensor([float(v)], dtype=torch.float64)  # noqa: E731
     return _align.pose_covariance(t(residual), t(spread))[0].numpy()
+
+
+def ambiguity(T_recovered: np.ndarray, fits: list[np.ndarray]) -> str:
+    """Why a recovered pose T_map_cam (4, 4) must not go out, or ''. fits: the poses (4, 4) where the map also fits
+    the frame, refined near the one-shot pose or the prior but not pinned in every direction (ICP along a
+    corridor's walls). A recovered pose more than AMBIGUOUS from one of them means the place repeats itself along
+    what is not pinned: either could be right, so neither is published."""
+    far = [pose_errors(T_recovered, T_fit) for T_fit in fits]
+    if any(t > AMBIGUOUS[0] or r > AMBIGUOUS[1] for t, r in far):
+        t, r = min(far)
+        return (f'recovered {float(t):.2f} m / {float(r):.1f} deg from where the map also fits the frame (not '
+                f'pinned in all directions): ambiguous')
+    return ''
 
 
 # ------------------------------------------------------------------------------------------ backends
@@ -745,7 +759,7 @@ class Localizer:
         """(the deciding refinement or None, path, why nothing was accepted): refine near the one-shot pose when it
         is confident, else near the prior, else recover globally."""
         starts = ([('refined', T, cov)] if confident else []) + ([('tracked', *prior)] if prior is not None else [])
-        refinement, reasons = None, []
+        refinement, reasons, fits = None, [], []
         for path, T0, cov0 in starts:
             refinement = refine(self.place_map, np.asarray(T0, np.float64), image, K, depth, np.asarray(cov0))
             if refinement is None:
@@ -753,9 +767,13 @@ class Localizer:
             # A direction the map does not pin (ICP against one wall) keeps the pose it started from: not verified
             if refinement.accepted and refinement.constrained == 6:
                 return refinement, path, ''
+            if refinement.accepted:
+                fits.append(refinement.T_map_cam)
             reasons.append(f'{path}: {refinement.reason or f"{refinement.constrained} of 6 directions pinned"}')
         if refinement is not None or not starts:
             refinement = recover(self.place_map, image, K, depth)
+            if refinement.accepted and (why := ambiguity(refinement.T_map_cam, fits)):
+                refinement.accepted, refinement.reason = False, why
             if refinement.accepted:
                 return refinement, 'recovered', ''
             reasons.append(f'recovery: {refinement.reason}')

@@ -327,8 +327,8 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     sums = np.zeros((0, 7))  # point xyz, normal xyz, count
     pending: list[np.ndarray] = []
     feature_points, descriptors = [], []
-    detectors = {True: orb(MAP_FEATURES if n_features is None else n_features),
-                 False: orb(MAP_FEATURES_WITHOUT_DEPTH if n_features is None else n_features)}  # by: has depth
+    detectors = {True: orb(MAP_FEATURES if n_features is None else n_features),  # keyed by: the frame has depth
+                 False: orb(MAP_FEATURES_WITHOUT_DEPTH if n_features is None else n_features)}
 
     def reduce(keys, sums, chunk):
         P = np.concatenate(chunk)

@@ -324,6 +324,7 @@ def evaluate(model_path, bags, split: str = 'all', backend: str = 'torch', metho
     }
     if backend != 'direct':
         report.update(trust_metrics(t_raw, r_raw, ok, T_est, T_gt, extras))
+        report['gate_calibration'] = gate_calibration(frames, extras)
     if place_map is not None:
         cov = coverage(load_map(place_map), frames, t_err, r_err, extras)
         report['coverage_by_distance'], report['coverage_by_angle'] = cov['by_distance'], cov['by_angle']
@@ -363,6 +364,29 @@ def trust_metrics(t_raw: np.ndarray, r_raw: np.ndarray, ok: np.ndarray, T_est: n
             'published': int(ok.sum()), 'published_wrong': int(wrong.sum()),
             'published_wrong_fraction': float(wrong.sum() / max(ok.sum(), 1)),
             'within_3_sigma': float(within.mean()) if len(within) else math.nan}
+
+
+def gate_calibration(frames: Sequence[bg.Frame], extras: list[dict], max_wrong: float = 0.01) -> dict | None:
+    """The one-shot gate these frames call for: the largest max_residual_m at which at most `max_wrong` of the
+    one-shot poses it lets through are wrong (>= WRONG off), with how many it lets through and how many of them
+    are within 10 cm / 10 deg. Computed from every frame's one-shot pose and alignment residual, whatever the gate
+    and the map did; None without them (other methods). A threshold for the node's `max_residual_m` where it runs
+    without a map, read off a recorded pass the model did not train on."""
+    if not extras or any('residual_m' not in e or 'T_one_shot' not in e for e in extras):
+        return None
+    residual = np.array([e['residual_m'] for e in extras], np.float64)
+    t, r = fr.pose_errors(np.array([e['T_one_shot'] for e in extras], np.float64),
+                          np.stack([f.T_map_cam for f in frames]))
+    order = np.argsort(np.nan_to_num(residual, nan=np.inf), kind='stable')
+    wrong = ~((t < WRONG[0]) & (r < WRONG[1]))[order]  # NaN poses count as wrong
+    good = ((t <= 0.1) & (r <= 10))[order]
+    n = np.arange(1, len(order) + 1)
+    ok = (np.cumsum(wrong) <= max_wrong * n) & np.isfinite(residual[order])
+    if not ok.any():
+        return {'max_residual_m': 0.0, 'published': 0, 'recall_10cm_10deg': 0.0, 'max_wrong': max_wrong}
+    k = int(np.flatnonzero(ok).max())
+    return {'max_residual_m': float(residual[order][k]), 'published': k + 1,
+            'recall_10cm_10deg': float(good[:k + 1].sum() / len(order)), 'max_wrong': max_wrong}
 
 
 def coverage(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray,
@@ -564,6 +588,9 @@ def format_summary(r: dict) -> str:
                f"wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg) {r['published_wrong']}, within 3 sigma "
                f"{r['within_3_sigma']:.0%}" if 'paths' in r else '')
             + ''.join(f"\n  rejected x{n}: {reason}" for reason, n in r.get('rejection_reasons', {}).items())
+            + (f"\none-shot gate for <= {g['max_wrong']:.0%} wrong on these frames: max_residual_m "
+               f"{g['max_residual_m']:.3f} lets {g['published']} of {r['frames']} through, recall 10cm/10deg "
+               f"{g['recall_10cm_10deg']:.0%}" if (g := r.get('gate_calibration')) else '')
             + ''.join(f"\n  {row['from']:g}-{row['to'] or math.inf:g} m from the map's cameras "
                       f"({row['frames']} frames, median {row['median_angle_deg']:.0f} deg): recall 10cm/10deg "
                       f"{row['recall_10cm_10deg']:.0%} (one-shot {row['one_shot_recall_10cm_10deg']:.0%})"

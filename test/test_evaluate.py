@@ -86,12 +86,31 @@ def test_pnp_recovers_the_pose_from_exact_scene_coordinates(tiny_scene):
     assert ok and inliers > 0.5 * np.isfinite(d).sum() and t_err < 0.01 and r_err < 0.5
 
 
-def test_eval_cli_json_and_plots(tiny_model, tmp_path):
+def test_gate_calibration_keeps_wrong_poses_under_one_percent():
+    """100 frames whose one-shot residual grows with the index: the last 50 are 1 m off, and so is frame 10. The
+    largest gate with <= 1 % wrong lets frames 0-9 through; with frame 10 one of 11 would be wrong."""
+    from globloc.bags import Frame
+    frames, extras = [], []
+    for k in range(100):
+        T = np.eye(4)
+        T[0, 3] = k
+        shot = T.copy()
+        shot[1, 3] += 1.0 if (k >= 50 or k == 10) else 0.02
+        frames.append(Frame(seq=0, index=k, stamp_ns=k, image=None, K=np.eye(3), T_map_cam=T))
+        extras.append({'residual_m': k / 100, 'T_one_shot': shot.tolist()})
+    g = ev.gate_calibration(frames, extras)
+    assert g['max_residual_m'] == pytest.approx(0.09) and g['published'] == 10
+    assert g['recall_10cm_10deg'] == pytest.approx(0.10)
+    assert ev.gate_calibration(frames, [{'path': 'one-shot'}] * 100) is None  # no residuals: other methods
+
+
+def test_eval_cli_json_and_plots(tiny_model, tmp_path, capsys):
     model, scene = tiny_model
     with pytest.raises(SystemExit) as e:
         cli_main(['eval', '--model', str(model), '--bags', str(scene / 'seq_02'), '--json', str(tmp_path / 'e.json'),
                   '--plots', str(tmp_path / 'plots')])
     assert e.value.code == 0
+    assert 'one-shot gate for <= 1% wrong on these frames: max_residual_m' in capsys.readouterr().out
     r = json.loads((tmp_path / 'e.json').read_text())
     for key in ('frames', 'failures', 'median_translation_m', 'median_rotation_deg', 'recall_5cm_5deg',
                 'recall_10cm_10deg', 'recall_25cm_2deg', 'per_frame', 'time_ms_per_frame'):
@@ -107,6 +126,16 @@ def test_eval_cli_json_and_plots(tiny_model, tmp_path):
     errors = [f['translation_error_m'] if f['translation_error_m'] is not None else math.inf for f in r['per_frame']]
     assert np.median(errors) == pytest.approx(r['median_translation_m']) or math.isinf(np.median(errors))
     assert r['ungated']['median_translation_m'] < 0.8 * guess, (r['ungated'], guess)
+    # The gate for <= 1 % wrong one-shot poses: through it, at most 1 % wrong; one frame more, and more than that.
+    g, pf = r['gate_calibration'], r['per_frame']
+    shot = np.array([f['T_one_shot'] for f in pf])
+    gt = np.stack([f.T_map_cam for f in ev.load_test_frames([scene / 'seq_02'])])
+    t, rot = fr.pose_errors(shot, gt)
+    wrong = (t >= ev.WRONG[0]) | (rot >= ev.WRONG[1])
+    residual = np.array([f['residual_m'] for f in pf])
+    through = residual <= g['max_residual_m']
+    assert through.sum() == g['published'] and wrong[through].sum() <= 0.01 * g['published']
+    assert through.all() or wrong[residual <= np.min(residual[~through])].sum() > 0.01 * (through.sum() + 1)
     pngs = sorted((tmp_path / 'plots').glob('*.png'))
     assert [p.name for p in pngs] == ['error_cdf.png', 'error_over_index.png', 'trajectory.png']
     assert all(p.read_bytes()[:8] == PNG for p in pngs)

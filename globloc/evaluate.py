@@ -560,8 +560,9 @@ def plot_trust(report: dict, T_est: np.ndarray, T_gt: np.ndarray, ok: np.ndarray
             ax.bar(x - 0.2, [r['one_shot_recall_10cm_10deg'] * 100 for r in rows], 0.4, label='one-shot')
             ax.bar(x + 0.2, [r['recall_10cm_10deg'] * 100 for r in rows], 0.4, label='published')
             ax.set_xticks(x, labels, fontsize=8)
-            ax.set(ylabel='recall at 10 cm / 10 deg (%)', xlabel=f'{what} (frames)', ylim=(0, 100))
-            ax.legend()
+            ax.set(ylabel='recall at 10 cm / 10 deg (%)', xlabel=f'{what} (frames)', ylim=(0, 118),
+                   yticks=range(0, 101, 20))
+            ax.legend(loc='upper center', ncol=2)
         paths.append(_save(fig, out_dir / 'recall_vs_distance.png'))
     return paths
 

@@ -746,13 +746,9 @@ class TestTracking:
         assert {p: int(diag[f'frames_{p}']) - before[p] for p in before} == \
             {p: paths.count(p) for p in before}, (diag, paths)
         # /globloc/relocalize: the robot may have been carried off; the next frame is searched for, not tracked.
-        client = peer.node.create_client(Trigger, '/globloc/relocalize')
-        try:
-            assert client.wait_for_service(timeout_sec=10)
-            future = client.call_async(Trigger.Request())
-            assert peer.wait(future.done, 10) and future.result().success
-        finally:
-            peer.node.destroy_client(client)
+        assert peer.relocalize.wait_for_service(timeout_sec=10)
+        future = peer.relocalize.call_async(Trigger.Request())
+        assert peer.wait(future.done, 10) and future.result().success
         before = {p: int(peer.fresh_diag()[f'frames_{p}']) for p in ('tracked', 'recovered')}
         assert self._run(peer, node, lz, still[:1], 90_000_000_000) == ['recovered']
         diag = peer.fresh_diag()

@@ -884,10 +884,9 @@ class _BagSummary:
 
 def _scene(bags: list[tuple[dict, Track]]) -> dict:
     tracks = [t for _, t in bags]
-    explicit = graph.edges_from_bags(tracks)
-    edges = explicit if explicit is not None else graph.derive_edges(tracks)
+    edges, source = graph.scene_edges(tracks)
     boxes = [np.array(b[k]) for b, _ in bags for k in ('landmarks_bbox',) if b[k] is not None]
-    return {'bags': [b for b, _ in bags], 'edges_source': 'explicit' if explicit is not None else 'derived',
+    return {'bags': [b for b, _ in bags], 'edges_source': source,
             'edges': graph.edge_counts(edges),
             'camera_centres_bbox': _bbox(np.concatenate([t.T_map_cam[:, :3, 3] for t in tracks])),
             'landmarks_bbox': _bbox(np.concatenate(boxes or [np.zeros((0, 3))]))}

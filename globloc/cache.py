@@ -260,8 +260,7 @@ def _write(tmp: Path, paths: list[Path], settings: CacheSettings, progress: bool
     m = max(1, max(counts))
     _pad_labels(tmp, counts, extra, m)
 
-    explicit = gr.edges_from_bags(tracks)
-    edges = explicit if explicit is not None else gr.derive_edges(tracks)
+    edges, source = gr.scene_edges(tracks)
     np.savez(tmp / 'edges.npz', i=np.array([e.i for e in edges], np.int64),
              j=np.array([e.j for e in edges], np.int64), kind=np.array([e.kind for e in edges], np.int64),
              T_i_j=np.array([e.T_i_j for e in edges], np.float64).reshape(-1, 4, 4),
@@ -270,7 +269,7 @@ def _write(tmp: Path, paths: list[Path], settings: CacheSettings, progress: bool
     stats = {'frames': n, 'frames_per_sequence': per_sequence, 'frames_with_depth': int(with_depth),
              'frames_with_labels': int(n_labelled), 'labels_per_frame_mean': float(sum(counts) / n),
              'recorded_size': recorded, 'edges': gr.edge_counts(edges),
-             'edges_source': 'explicit' if explicit is not None else 'derived'}
+             'edges_source': source}
     h, w = H // stride, W // stride
     shapes = {'images': [n, 3, H, W], 'K': [n, 3, 3], 'T': [n, 4, 4], 'depth': [n, h, w], 'depth_full': [n, H, W],
               'labels': [n, m, 5], 'label_mask': [n, m], 'seq': [n]}

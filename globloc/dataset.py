@@ -229,14 +229,6 @@ def triangulate_labels(sequences: list[bg.Sequence], label_fraction: float, seed
     return summary
 
 
-def graph_edges(sequences: list[bg.Sequence]) -> tuple[list, str]:
-    """Explicit edges from the bags' graph topic if any bag has one, else edges derived from the poses."""
-    explicit = gr.edges_from_bags(sequences)
-    if explicit is not None:
-        return explicit, 'explicit'
-    return gr.derive_edges(sequences), 'derived'
-
-
 def frame_arrays(f: bg.Frame, input_size: tuple[int, int], stride: int = 8) -> tuple[np.ndarray, ...]:
     """One recorded frame at the network input size (W, H): image (H, W, 3) uint8, K (3, 3) of it, depth at the
     stride cells (H/s, W/s) and at every pixel (H, W) float32 metres (NaN: none), labels (m, 5) float32 x y z u v
@@ -301,7 +293,7 @@ def build_train_data(sequences: list[bg.Sequence], input_size: tuple[int, int], 
     for k, lm in enumerate(label_list):
         labels[k, :len(lm)] = lm
         mask[k, :len(lm)] = True
-    edges, source = graph_edges(sequences)
+    edges, source = gr.scene_edges(sequences)
     stats = {'frames': n, 'frames_per_sequence': [len(s.frames) for s in sequences],
              'frames_with_depth': int(sum(f.depth is not None for f in frames)),
              'frames_with_labels': int(n_labelled), 'labels_per_frame_mean': float(mask.sum() / n),

@@ -161,6 +161,15 @@ def edges_from_bags(sequences: Iterable[bags.Sequence | bags.Track]) -> list[Edg
     return out
 
 
+def scene_edges(sequences: Iterable[bags.Sequence | bags.Track]) -> tuple[list[Edge], str]:
+    """The scene's relative-pose graph and where it came from: the bags' explicit edges ('explicit') if any bag
+    has the graph topic, else edges derived from the poses ('derived')."""
+    explicit = edges_from_bags(sequences)
+    if explicit is not None:
+        return explicit, 'explicit'
+    return derive_edges(sequences), 'derived'
+
+
 def edge_counts(edges: list[Edge]) -> dict[str, int]:
     """{'adjacent': n, 'distant': m}."""
     counts = {name: 0 for name in KIND_NAMES.values()}

@@ -15,6 +15,7 @@ from scipy.spatial import cKDTree
 from globloc import bags as bg
 from globloc import dataset as ds
 from globloc import evaluate as ev
+from globloc import graph as gr
 from globloc import imagenet
 from globloc import losses as ls
 from globloc.train import train
@@ -317,7 +318,7 @@ def test_sampler_without_distant_edges_takes_adjacent_partners(tiny_scene):
     """Four frames of one sequence have adjacent edges only: every frame is an anchor and both partners of a tuple
     are adjacent ones, with their measured relative poses; the sampler says so. No edge at all is an error."""
     seqs = ds.load_sequences([tiny_scene / 'seq_00'], 0.005, max_frames=4)
-    edges, _ = ds.graph_edges(seqs)
+    edges, _ = gr.scene_edges(seqs)
     sampler = ds.TupleSampler(4, edges, 0)
     assert 'no frame has both an adjacent and a distant edge (6 adjacent, 0 distant)' in sampler.fallback
     assert sampler.anchors.tolist() == [0, 1, 2, 3]

@@ -366,6 +366,13 @@ def trust_metrics(t_raw: np.ndarray, r_raw: np.ndarray, ok: np.ndarray, T_est: n
             'within_3_sigma': float(within.mean()) if len(within) else math.nan}
 
 
+def one_shot_errors(frames: Sequence[bg.Frame], extras: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) translation (m) and rotation (deg) errors of each frame's one-shot pose (extras' T_one_shot; NaN for
+    a frame without one), whatever the gate and the map then did."""
+    shot = np.array([e['T_one_shot'] if 'T_one_shot' in e else np.full((4, 4), np.nan) for e in extras], np.float64)
+    return fr.pose_errors(shot, np.stack([f.T_map_cam for f in frames]))
+
+
 def gate_calibration(frames: Sequence[bg.Frame], extras: list[dict], max_wrong: float = 0.01) -> dict | None:
     """The one-shot gate these frames call for: the largest max_residual_m at which at most `max_wrong` of the
     one-shot poses it lets through are wrong (>= WRONG off), with how many it lets through and how many of them
@@ -375,8 +382,7 @@ def gate_calibration(frames: Sequence[bg.Frame], extras: list[dict], max_wrong: 
     if not extras or any('residual_m' not in e or 'T_one_shot' not in e for e in extras):
         return None
     residual = np.array([e['residual_m'] for e in extras], np.float64)
-    t, r = fr.pose_errors(np.array([e['T_one_shot'] for e in extras], np.float64),
-                          np.stack([f.T_map_cam for f in frames]))
+    t, r = one_shot_errors(frames, extras)
     order = np.argsort(np.nan_to_num(residual, nan=np.inf), kind='stable')
     wrong = ~((t < WRONG[0]) & (r < WRONG[1]))[order]  # NaN poses count as wrong
     good = ((t <= 0.1) & (r <= 10))[order]
@@ -404,8 +410,7 @@ def coverage(place, frames: list[bg.Frame], t_err: np.ndarray, r_err: np.ndarray
         d = np.linalg.norm(C - f.T_map_cam[:3, 3], axis=1)
         j = int(np.argmin(d))
         dist[k], angle[k] = d[j], fr.rotation_error_deg(place.keyframe_poses[j, :3, :3], f.T_map_cam[:3, :3])
-    shot = np.array([e['T_one_shot'] if 'T_one_shot' in e else np.full((4, 4), np.nan) for e in extras])
-    t1, r1 = fr.pose_errors(shot, np.stack([f.T_map_cam for f in frames]))
+    t1, r1 = one_shot_errors(frames, extras)
     hit, hit1 = (t_err <= 0.1) & (r_err <= 10), (t1 <= 0.1) & (r1 <= 10)
 
     def rows(value, bins, other, other_key):

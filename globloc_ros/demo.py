@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from globloc_ros import frames
-from globloc_ros.placemap import MAP_VERSION
+from globloc_ros.placemap import MapError, load_map
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -83,16 +83,13 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
 
 
 def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
-    """The map of the training sequences (scene/train.map.npz), building it if absent or of an older map version
-    (a version-1 map has no keyframes to recover poses with)."""
+    """The map of the training sequences (scene/train.map.npz), building it if absent, unreadable or without the
+    keyframes global recovery needs (a map from before version 2)."""
     path = scene / 'train.map.npz'
-    current = False
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                current = json.loads(str(z['header']))['version'] == MAP_VERSION
-        except Exception:  # noqa: BLE001 - unreadable: rebuilt below
-            pass
+    try:
+        current = len(load_map(path).keyframe_poses) > 0
+    except MapError:  # absent or unreadable: built below
+        current = False
     if current:
         _step(f'reusing the map {path}')
     else:

@@ -79,14 +79,13 @@ def ros_env(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def setup(tiny_model, ros_env) -> dict:
-    """{'model': tiny_model's model file, 'bag': its scene's held-out seq_02, 'frames': that bag's frames,
-    'trained': True}: what the node is run with and fed, and the offline Localizer compared against."""
+    """{'model': tiny_model's model file, 'bag': its scene's held-out seq_02, 'frames': that bag's frames}: what
+    the node is run with and fed, and the offline Localizer compared against."""
     from globloc.bags import read_sequence
 
     model, scene = tiny_model
     bag = Path(scene) / 'seq_02'
-    return {'model': Path(model), 'bag': bag, 'frames': read_sequence(bag, progress=False).frames,
-            'trained': True}
+    return {'model': Path(model), 'bag': bag, 'frames': read_sequence(bag, progress=False).frames}
 
 
 @pytest.fixture(scope='module')

@@ -159,9 +159,12 @@ def plot(rows: list[dict], path: Path, before: list[dict] | None = None) -> None
                 ax.plot(x, [r[key] for r in mine], style, marker='o', color=colours[name], label=name + tag)
     axes[0].set(xlabel='frames in the recording', ylabel='peak RSS (GB)', title='memory')
     axes[1].set(xlabel='frames in the recording', ylabel='wall time (s)', title='time')
+    frames = [r['frames'] for r in [*rows, *(before or [])]]
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.set_ylim(bottom=0)
+        if max(frames) > 10 * min(frames):  # 600 ... 20,000 frames: a log axis keeps the short runs apart
+            ax.set_xscale('log')
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

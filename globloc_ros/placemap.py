@@ -36,7 +36,8 @@ from globloc_ros.frames import rotation_error_deg, scale_intrinsics
 from globloc_ros.atomic import atomic_write
 
 MAP_FORMAT = 'globloc-place-map'
-MAP_VERSION = 2  # 2: keyframes and their bag-of-words vectors (global recovery); version 1 maps still load
+MAP_VERSION = 3  # 2: keyframes and their bag-of-words vectors (global recovery); 3: the features each keyframe saw.
+# Maps of versions 1 and 2 still load (1: no recovery; 2: recovery searches the features in a keyframe's view cone)
 # Building. Surfaces: voxel (m). Features: ORB features per recorded frame, and one descriptor per point of the place
 # (2 cm voxel): 3 were 10 % more accurate and 1.8x slower to match.
 VOXEL_M = 0.02
@@ -100,6 +101,8 @@ _TO_ROS = np.array([3, 4, 5, 0, 1, 2])
 
 
 KEYFRAME_ARRAYS = ('keyframe_poses', 'keyframe_K', 'keyframe_size', 'keyframe_bow', 'vocabulary', 'idf')
+VISIBILITY_ARRAYS = ('keyframe_features', 'keyframe_features_start')
+MAX_MATCHER_ROWS = 1 << 18  # OpenCV's brute-force matcher refuses more map descriptors than this in one call
 
 
 class MapError(RuntimeError):
@@ -123,6 +126,9 @@ class PlaceMap:
     Keyframes (global recovery; empty in maps from before version 2): keyframe_poses (F, 4, 4) float32 T_map_cam,
     keyframe_K (F, 3, 3) float32, keyframe_size (F, 2) int32 (W, H) pixels, keyframe_bow (F, V) float16 unit
     tf-idf vectors over vocabulary (V, 32) uint8 ORB word centres with idf (V,) float32.
+    Visibility (empty in maps from before version 3): keyframe_features (S,) int32, the indices of the features
+    keyframe f saw at keyframe_features[keyframe_features_start[f]:keyframe_features_start[f + 1]] ((F + 1,) int64):
+    what recovery matches against, however large the place.
     meta: where it came from (bags, frames)."""
     points: np.ndarray
     normals: np.ndarray
@@ -136,6 +142,35 @@ class PlaceMap:
     keyframe_bow: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float16))
     vocabulary: np.ndarray = field(default_factory=lambda: np.zeros((0, 32), np.uint8))
     idf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    keyframe_features: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    keyframe_features_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @cached_property
+    def feature_tree(self) -> cKDTree:
+        return cKDTree(self.feature_points)
+
+    @cached_property
+    def feature_range_m(self) -> float:
+        """How far from a camera the map's features were seen: 1.25 x the farthest a keyframe saw one (inf in maps
+        from before version 3, or where that reaches across the whole map: nothing to leave out)."""
+        start = self.keyframe_features_start
+        if not len(self.keyframe_features):
+            return float('inf')
+        owner = np.repeat(np.arange(len(start) - 1), np.diff(start))
+        far = np.linalg.norm(self.feature_points[self.keyframe_features] - self.keyframe_poses[owner, :3, 3], axis=1)
+        reach = 1.25 * float(far.max())
+        return reach if 2 * reach < np.ptp(self.feature_points, 0).max() else float('inf')
+
+    def features_near(self, centre: np.ndarray) -> np.ndarray:
+        """Indices of the features within feature_range_m of a camera centre (3,) metres (all where it is inf)."""
+        if not np.isfinite(self.feature_range_m):
+            return np.arange(len(self.feature_points))
+        return np.sort(np.asarray(self.feature_tree.query_ball_point(centre, self.feature_range_m), int))
+
+    def seen_by(self, keyframes: np.ndarray) -> np.ndarray:
+        """Indices (k,) of the features any of these keyframes (indices (n,)) saw, sorted."""
+        start = self.keyframe_features_start
+        return np.unique(np.concatenate([self.keyframe_features[start[f]:start[f + 1]] for f in keyframes]))
 
     @cached_property
     def tree(self) -> cKDTree:
@@ -347,19 +382,25 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
 
     without_depth = []  # (uv, descriptors, K, T_map_cam) to triangulate
     keyframes = []  # (T_map_cam, K, (W, H), descriptors)
+    keyframe_of, seen_keys = [], []  # per view without depth: its keyframe or -1; per keyframe: feature voxel keys
     for view in views:
         detector = detectors[view.depth is not None]
         uv, des = detect(view.image, detector) if n_features != 0 else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
-        if len(des) and (not keyframes or _moved(keyframes[-1][0], view.T_map_cam, KEYFRAME_STEP)):
+        key = len(des) > 0 and (not keyframes or _moved(keyframes[-1][0], view.T_map_cam, KEYFRAME_STEP))
+        if key:
             keyframes.append((view.T_map_cam, view.K, view.image.shape[1::-1], des))
+            seen_keys.append(np.zeros(0, np.int64))
         if view.depth is None:
             if len(des):
                 without_depth.append((uv, des, view.K, view.T_map_cam))
+                keyframe_of.append(len(keyframes) - 1 if key else -1)
             continue
         if n_features != 0:
             X, des = frame_features(view, detector, (uv, des))
             feature_points.append(X)
             descriptors.append(des)
+            if key:
+                seen_keys[-1] = _voxel_keys(X, FEATURE_VOXEL_M)
         X = depth_points(view.depth, view.K, stride)
         n = surface_normals(X)
         ok = np.isfinite(X).all(-1) & np.isfinite(n).all(-1)
@@ -370,7 +411,11 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
             pending = []
     if pending:
         keys, sums = reduce(keys, sums, pending)
-    X, des = triangulate_features(without_depth)
+    X, des, sources = triangulate_features(without_depth, with_sources=True)
+    for f in range(len(keyframes)):  # the triangulated points a keyframe without depth saw
+        mine = np.isin(sources[:, 0], np.flatnonzero(np.array(keyframe_of) == f))
+        if mine.any():
+            seen_keys[f] = np.concatenate([seen_keys[f], _voxel_keys(X[mine], FEATURE_VOXEL_M)])
     feature_points = np.concatenate([*feature_points, X])
     descriptors = np.concatenate([*descriptors, des])
     if not len(sums) and not len(feature_points):
@@ -381,7 +426,10 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
         first = np.r_[0, np.flatnonzero(np.diff(fkeys[order])) + 1]
         rank = np.arange(len(fkeys)) - np.repeat(first, np.diff(np.r_[first, len(fkeys)]))
         keep = np.sort(order[rank < FEATURES_PER_VOXEL])
-        feature_points, descriptors = feature_points[keep], descriptors[keep]
+        feature_points, descriptors, fkeys = feature_points[keep], descriptors[keep], fkeys[keep]
+        keyframe_seen = [np.flatnonzero(np.isin(fkeys, k)).astype(np.int32) for k in seen_keys]
+    else:
+        keyframe_seen = [np.zeros(0, np.int32) for _ in keyframes]
     normals = sums[:, 3:6]
     norm = np.linalg.norm(normals, axis=1, keepdims=True)
     consistent = norm[:, 0] > 0.5 * sums[:, 6]  # views of the voxel agree on which way the surface faces
@@ -403,7 +451,9 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
                         keyframe_poses=np.stack([T for T, *_ in keyframes]).astype(np.float32),
                         keyframe_K=np.stack([K for _, K, *_ in keyframes]).astype(np.float32),
                         keyframe_size=np.array([wh for *_, wh, _ in keyframes], np.int32),
-                        keyframe_bow=bow.astype(np.float16), vocabulary=vocabulary, idf=idf)))
+                        keyframe_bow=bow.astype(np.float16), vocabulary=vocabulary, idf=idf,
+                        keyframe_features=np.concatenate(keyframe_seen),
+                        keyframe_features_start=np.r_[0, np.cumsum([len(k) for k in keyframe_seen])].astype(np.int64))))
 
 
 def _moved(T0: np.ndarray, T1: np.ndarray, step: tuple[float, float]) -> bool:
@@ -458,7 +508,7 @@ def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
     atomic_write(path, lambda f: np.savez_compressed(
         f, points=place.points, normals=place.normals.astype(np.float16), feature_points=place.feature_points,
         descriptors=place.descriptors, header=header,
-        **{k: getattr(place, k) for k in KEYFRAME_ARRAYS}))
+        **{k: getattr(place, k) for k in KEYFRAME_ARRAYS + VISIBILITY_ARRAYS}))
 
 
 def load_map(path: str | os.PathLike) -> PlaceMap:
@@ -470,13 +520,15 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(str(z['header']))
             arrays = {k: z[k] for k in ('points', 'normals', 'feature_points', 'descriptors')}
-            keyframes = {k: z[k] for k in KEYFRAME_ARRAYS if header.get('version') == MAP_VERSION}
+            version = header.get('version')
+            keyframes = {k: z[k] for k in KEYFRAME_ARRAYS if version in (2, MAP_VERSION)}
+            visibility = {k: z[k] for k in VISIBILITY_ARRAYS if version == MAP_VERSION}
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         # A truncated or corrupt file: BadZipFile, EOFError or zlib.error from the zip; ValueError from the arrays
         raise MapError(f'{path}: not a readable globloc map file ({type(e).__name__}: {e})') from e
     if header.get('format') != MAP_FORMAT:
         raise MapError(f'{path}: format {header.get("format")!r} is not {MAP_FORMAT!r}')
-    if header.get('version') not in (1, MAP_VERSION):
+    if header.get('version') not in (1, 2, MAP_VERSION):
         raise MapError(f'{path}: map version {header.get("version")} is not {MAP_VERSION}; rebuild it with '
                        '`globloc map`')
     P, N, F, D = (arrays[k] for k in ('points', 'normals', 'feature_points', 'descriptors'))
@@ -493,8 +545,14 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
         got = {k: a.shape for k, a in keyframes.items()}
         if got != want or not all(np.isfinite(a).all() for a in keyframes.values()):
             raise MapError(f'{path}: keyframe arrays {got} are not consistent and finite (expected {want})')
+    if visibility:
+        seen, start = visibility['keyframe_features'], visibility['keyframe_features_start']
+        if start.shape != (len(keyframes.get('keyframe_poses', ())) + 1,) or start[0] != 0 \
+                or np.any(np.diff(start) < 0) or start[-1] != len(seen) or np.any((seen < 0) | (seen >= len(F))):
+            raise MapError(f'{path}: keyframe_features ({len(seen)}) and keyframe_features_start {start.shape} do not '
+                           f'index the {len(F)} features of its keyframes')
     return PlaceMap(P.astype(np.float32), N.astype(np.float32), float(header['voxel']), F.astype(np.float32), D,
-                    header.get('meta', {}), **keyframes)
+                    header.get('meta', {}), **keyframes, **visibility)
 
 
 # ------------------------------------------------------------------------------------------------ refinement
@@ -604,13 +662,15 @@ def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: t
     """Guided matching: each query feature against the map features that (R, c) projects within `radius` px of
     it; the best by Hamming distance if <= MAX_HAMMING and < RATIO x the second best. -> (map index (k,),
     query index (k,))."""
-    uv, z = _project(place.feature_points.astype(np.float64), R, c, K)
+    near = place.features_near(c)
+    uv, z = _project(place.feature_points[near].astype(np.float64), R, c, K)
     W, H = size
-    seen = np.where((z > 0.05) & (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius)
-                    & (uv[:, 1] < H + radius))[0]
+    inside = (z > 0.05) & (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius) \
+        & (uv[:, 1] < H + radius)
+    seen = near[inside]
     if not len(seen):
         return np.zeros(0, int), np.zeros(0, int)
-    pairs = cKDTree(uv[seen]).sparse_distance_matrix(cKDTree(uv_query), radius, output_type='ndarray')
+    pairs = cKDTree(uv[inside]).sparse_distance_matrix(cKDTree(uv_query), radius, output_type='ndarray')
     if not len(pairs):
         return np.zeros(0, int), np.zeros(0, int)
     return _best_matches(place.descriptors, des_query, seen[pairs['i']], pairs['j'].astype(int))
@@ -732,7 +792,7 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
 
     image (H, W, 3) uint8 RGB, K (3, 3) of it; depth (H', W') metres registered to it, or None.
     The bag-of-words vector of the image's ORB features retrieves `candidates` keyframes; the features are matched
-    (Hamming nearest neighbour, ratio test) to the map features in those keyframes' views, PnP-RANSAC (P3P) gives
+    (Hamming nearest neighbour, ratio test) to the map features those keyframes saw, PnP-RANSAC (P3P) gives
     a pose, and refine_features from it must accept (its covariance test); with a depth image and map surfaces,
     ICP from there then refines it when it accepts. Refinement.method is 'recovery' (+ '+icp').
     """
@@ -747,13 +807,19 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
         return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)
     top = np.argsort(-scores, kind='stable')[:candidates]
-    seen = np.zeros(len(place.feature_points), bool)
-    for f in top:  # map features in the keyframe's view
-        T, Kf, (w, h) = place.keyframe_poses[f].astype(np.float64), place.keyframe_K[f].astype(np.float64), \
-            place.keyframe_size[f]
-        p, z = _project(place.feature_points.astype(np.float64), T[:3, :3], T[:3, 3], Kf)
-        seen |= (z > 0.05) & (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
-    cand = np.flatnonzero(seen)
+    if len(place.keyframe_features_start):
+        cand = place.seen_by(top)
+    else:  # a version-2 map: the features in the keyframes' view cones, walls or not
+        seen = np.zeros(len(place.feature_points), bool)
+        for f in top:
+            T, Kf, (w, h) = place.keyframe_poses[f].astype(np.float64), place.keyframe_K[f].astype(np.float64), \
+                place.keyframe_size[f]
+            p, z = _project(place.feature_points.astype(np.float64), T[:3, :3], T[:3, 3], Kf)
+            seen |= (z > 0.05) & (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
+        cand = np.flatnonzero(seen)
+        if len(cand) >= MAX_MATCHER_ROWS:
+            return fail(f'{len(cand)} map features in the view cones of the retrieved keyframes: too many to match '
+                        '(a map from before version 3: rebuild it with `globloc map`)')
     if len(cand) < MIN_PNP_INLIERS:
         return fail(f'{len(cand)} map features in the {len(top)} retrieved keyframes < {MIN_PNP_INLIERS}')
     pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(p) == 2]

@@ -606,11 +606,13 @@ def choose_backend(kind: str, backend: str, device: str | None, ort_ok: bool, or
 
 
 def _open_place_map(place_map: str | os.PathLike | PlaceMap | None) -> PlaceMap | None:
-    """The map a Localizer refines against, loaded and its search tree built now, not at the first frame."""
+    """The map a Localizer refines against, loaded and its search trees built now, not at the first frame."""
     try:
         place_map = place_map if place_map is None or isinstance(place_map, PlaceMap) else load_map(place_map)
         if place_map is not None and len(place_map.points):
-            place_map.tree  # a cached_property: built here
+            place_map.tree  # cached_properties: built here
+        if place_map is not None and np.isfinite(place_map.feature_range_m):
+            place_map.feature_tree
     except MapError as e:
         raise LocalizerError(str(e)) from e
     return place_map

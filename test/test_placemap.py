@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -115,8 +116,22 @@ def test_save_and_load_round_trip_and_clear_errors(tmp_path):
     arrays = dict(points=cloud.points, normals=cloud.normals, feature_points=cloud.feature_points,
                   descriptors=cloud.descriptors, **{k: getattr(cloud, k) for k in pm.KEYFRAME_ARRAYS})
     np.savez(tmp_path / 'new.npz', **arrays, header=json.dumps(header))
-    with pytest.raises(pm.MapError, match='new.npz: map version 3 is not 2; rebuild it'):
+    with pytest.raises(pm.MapError, match='new.npz: map version 4 is not 3; rebuild it'):
         pm.load_map(tmp_path / 'new.npz')
+    # Each keyframe's features: its own, all of them in the map.
+    start = back.keyframe_features_start
+    assert len(start) == len(back.keyframe_bow) + 1 and start[-1] == len(back.keyframe_features) > 0
+    assert np.array_equal(back.keyframe_features, cloud.keyframe_features)
+    assert np.array_equal(back.seen_by(np.arange(len(start) - 1)), np.unique(cloud.keyframe_features))
+    header['version'] = 2  # a map from before keyframe visibility: loads without it
+    np.savez(tmp_path / 'v2.npz', **arrays, header=json.dumps(header))
+    v2 = pm.load_map(tmp_path / 'v2.npz')
+    assert len(v2.keyframe_bow) == len(back.keyframe_bow) and len(v2.keyframe_features_start) == 0
+    header['version'] = pm.MAP_VERSION
+    np.savez(tmp_path / 'vis.npz', **arrays, keyframe_features=back.keyframe_features + len(back.feature_points),
+             keyframe_features_start=start, header=json.dumps(header))
+    with pytest.raises(pm.MapError, match=r'vis.npz: keyframe_features \(\d+\) and .* do not index the \d+ features'):
+        pm.load_map(tmp_path / 'vis.npz')
     header['version'] = 1  # a map from before keyframes: loads, and recovery says why it cannot run
     np.savez(tmp_path / 'v1.npz', **arrays, header=json.dumps(header))
     v1 = pm.load_map(tmp_path / 'v1.npz')
@@ -125,6 +140,7 @@ def test_save_and_load_round_trip_and_clear_errors(tmp_path):
     assert not rec.accepted and 'rebuild it with `globloc map`' in rec.reason
     assert len(back.keyframe_bow) == back.meta['keyframes'] >= 1 and np.array_equal(back.vocabulary, cloud.vocabulary)
     header['version'] = pm.MAP_VERSION
+    arrays.update({k: getattr(cloud, k) for k in pm.VISIBILITY_ARRAYS})
     np.savez(tmp_path / 'nan.npz', **{**arrays, 'points': cloud.points * np.nan}, header=json.dumps(header))
     with pytest.raises(pm.MapError, match='nan.npz: points, normals or feature points are not finite'):
         pm.load_map(tmp_path / 'nan.npz')
@@ -218,6 +234,41 @@ def test_feature_refinement_of_held_out_frames(scene_map):
     assert len(after) >= len(frames) / 3
     before, after = np.median(before, 0), np.median(after, 0)
     assert after[0] < 0.03 and np.all(after < 0.5 * before), (before, after)
+
+
+def _side_by_side(place: pm.PlaceMap, n: int, gap: float = 1.0) -> pm.PlaceMap:
+    """n x n copies of a map's features and keyframes, gap metres apart: a larger place for what scales with it."""
+    step = np.ptp(place.feature_points, 0) + gap
+    offsets = np.array([[i * step[0], j * step[1], 0] for i in range(n) for j in range(n)], np.float32)
+    poses = np.concatenate([place.keyframe_poses] * len(offsets))
+    poses[:, :3, 3] += np.repeat(offsets, len(place.keyframe_poses), 0)
+    per_keyframe = np.diff(place.keyframe_features_start)
+    return dataclasses.replace(
+        place, points=np.zeros((0, 3), np.float32), normals=np.zeros((0, 3), np.float32),
+        feature_points=np.concatenate([place.feature_points + o for o in offsets]),
+        descriptors=np.tile(place.descriptors, (len(offsets), 1)), keyframe_poses=poses,
+        keyframe_K=np.tile(place.keyframe_K, (len(offsets), 1, 1)),
+        keyframe_size=np.tile(place.keyframe_size, (len(offsets), 1)),
+        keyframe_bow=np.tile(place.keyframe_bow, (len(offsets), 1)),
+        keyframe_features=np.concatenate([place.keyframe_features + k * len(place.feature_points)
+                                          for k in range(len(offsets))]),
+        keyframe_features_start=np.r_[0, np.cumsum(np.tile(per_keyframe, len(offsets)))])
+
+
+def test_a_larger_place_is_searched_near_the_camera_only(scene_map):
+    """Nine copies of the room side by side: guided matching looks at the features within what the keyframes
+    ever saw of the camera (not at all of them), and refines each frame exactly as in the room alone."""
+    place, frames = scene_map
+    big = _side_by_side(place, 3)
+    assert place.feature_range_m == np.inf and 0 < big.feature_range_m < np.ptp(big.feature_points, 0).max() / 2
+    near = big.features_near(frames[0].T_map_cam[:3, 3])
+    assert set(range(len(place.feature_points))) <= set(near) and len(near) < len(big.feature_points)
+    assert np.array_equal(big.seen_by(np.array([0])), place.seen_by(np.array([0])))
+    rng = np.random.default_rng(0)
+    for f in frames[::4]:
+        T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.03, 3), rng.normal(0, 1, 3))
+        one, nine = (pm.refine_features(p, T0, f.image, f.K, PRIOR) for p in (place, big))
+        assert one.accepted == nine.accepted and np.allclose(one.T_map_cam, nine.T_map_cam, atol=1e-6)
 
 
 def test_feature_refinement_refuses_what_it_cannot_match(scene_map):
@@ -355,6 +406,11 @@ def test_recovery_localizes_real_frames_with_no_pose_to_start_from(real_bags):
         n, err, sigma = _recovered(place, frames[25:], depth)
         assert n >= 20 and err[:, 0].max() < 0.10 and err[:, 1].max() < 3.0, (depth, n, err)
         assert np.mean(err[:, 0] <= 3 * sigma) >= 0.9, (err[:, 0], sigma)
+    # A map from before keyframe visibility (version 2) searches the keyframes' view cones instead.
+    cones = dataclasses.replace(place, keyframe_features=np.zeros(0, np.int32),
+                                keyframe_features_start=np.zeros(0, np.int64))
+    n, err, _ = _recovered(cones, frames[25:], False)
+    assert n >= 20 and err[:, 0].max() < 0.10, (n, err)
     # Frames of another room (frag1) are not in this map: nothing is published for them.
     other = bg.read_sequence(real_bags / 'sun3d_frag1', progress=False).frames[::5]
     assert _recovered(place, other, False)[0] == 0

@@ -23,6 +23,8 @@ SUBCOMMANDS = {
     'bench': ('globloc.bench', 'latency benchmark of the runtime backends'),
     'node-bench': ('globloc.node_bench', 'end-to-end latency and frames/s of the ROS 2 node over DDS'),
     'bench-scale': ('globloc.bench_scale', 'peak memory and time of each command against the recording length'),
+    'bench-place': ('globloc.bench_place', "a place map's size, load time, memory and per-frame cost against the "
+                    "place's area"),
 }
 
 

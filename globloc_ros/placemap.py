@@ -167,6 +167,14 @@ class PlaceMap:
             return np.arange(len(self.feature_points))
         return np.sort(np.asarray(self.feature_tree.query_ball_point(centre, self.feature_range_m), int))
 
+    def build_search_trees(self) -> PlaceMap:
+        """Build the search trees refinement uses now (cached), not at the first frame that needs them."""
+        if len(self.points):
+            self.tree
+        if np.isfinite(self.feature_range_m):
+            self.feature_tree
+        return self
+
     def seen_by(self, keyframes: np.ndarray) -> np.ndarray:
         """Indices (k,) of the features any of these keyframes (indices (n,)) saw, sorted."""
         start = self.keyframe_features_start
@@ -503,12 +511,15 @@ def _voxel_keys(P: np.ndarray, voxel: float) -> np.ndarray:
 
 
 def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
-    """Write an .npz atomically (atomic.atomic_write)."""
-    header = json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION, 'voxel': place.voxel, 'meta': place.meta})
+    """Write an .npz atomically (atomic.atomic_write); a map without keyframe visibility (read from a version 2
+    file) as version 2."""
+    visible = len(place.keyframe_features_start) == len(place.keyframe_poses) + 1
+    header = json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION if visible else 2, 'voxel': place.voxel,
+                         'meta': place.meta})
     atomic_write(path, lambda f: np.savez_compressed(
         f, points=place.points, normals=place.normals.astype(np.float16), feature_points=place.feature_points,
         descriptors=place.descriptors, header=header,
-        **{k: getattr(place, k) for k in KEYFRAME_ARRAYS + VISIBILITY_ARRAYS}))
+        **{k: getattr(place, k) for k in KEYFRAME_ARRAYS + (VISIBILITY_ARRAYS if visible else ())}))
 
 
 def load_map(path: str | os.PathLike) -> PlaceMap:

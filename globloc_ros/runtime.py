@@ -609,10 +609,8 @@ def _open_place_map(place_map: str | os.PathLike | PlaceMap | None) -> PlaceMap 
     """The map a Localizer refines against, loaded and its search trees built now, not at the first frame."""
     try:
         place_map = place_map if place_map is None or isinstance(place_map, PlaceMap) else load_map(place_map)
-        if place_map is not None and len(place_map.points):
-            place_map.tree  # cached_properties: built here
-        if place_map is not None and np.isfinite(place_map.feature_range_m):
-            place_map.feature_tree
+        if place_map is not None:
+            place_map.build_search_trees()
     except MapError as e:
         raise LocalizerError(str(e)) from e
     return place_map

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from globloc import bags as bg
-from globloc import mapper
+from globloc import bench_place, mapper
 from globloc_ros import frames as fr
 from globloc_ros import placemap as pm
 
@@ -236,30 +236,11 @@ def test_feature_refinement_of_held_out_frames(scene_map):
     assert after[0] < 0.03 and np.all(after < 0.5 * before), (before, after)
 
 
-def _side_by_side(place: pm.PlaceMap, n: int, gap: float = 1.0) -> pm.PlaceMap:
-    """n x n copies of a map's features and keyframes, gap metres apart: a larger place for what scales with it."""
-    step = np.ptp(place.feature_points, 0) + gap
-    offsets = np.array([[i * step[0], j * step[1], 0] for i in range(n) for j in range(n)], np.float32)
-    poses = np.concatenate([place.keyframe_poses] * len(offsets))
-    poses[:, :3, 3] += np.repeat(offsets, len(place.keyframe_poses), 0)
-    per_keyframe = np.diff(place.keyframe_features_start)
-    return dataclasses.replace(
-        place, points=np.zeros((0, 3), np.float32), normals=np.zeros((0, 3), np.float32),
-        feature_points=np.concatenate([place.feature_points + o for o in offsets]),
-        descriptors=np.tile(place.descriptors, (len(offsets), 1)), keyframe_poses=poses,
-        keyframe_K=np.tile(place.keyframe_K, (len(offsets), 1, 1)),
-        keyframe_size=np.tile(place.keyframe_size, (len(offsets), 1)),
-        keyframe_bow=np.tile(place.keyframe_bow, (len(offsets), 1)),
-        keyframe_features=np.concatenate([place.keyframe_features + k * len(place.feature_points)
-                                          for k in range(len(offsets))]),
-        keyframe_features_start=np.r_[0, np.cumsum(np.tile(per_keyframe, len(offsets)))])
-
-
 def test_a_larger_place_is_searched_near_the_camera_only(scene_map):
     """Nine copies of the room side by side: guided matching looks at the features within what the keyframes
     ever saw of the camera (not at all of them), and refines each frame exactly as in the room alone."""
     place, frames = scene_map
-    big = _side_by_side(place, 3)
+    big = bench_place.side_by_side(place, 3)
     assert place.feature_range_m == np.inf and 0 < big.feature_range_m < np.ptp(big.feature_points, 0).max() / 2
     near = big.features_near(frames[0].T_map_cam[:3, 3])
     assert set(range(len(place.feature_points))) <= set(near) and len(near) < len(big.feature_points)
@@ -269,6 +250,29 @@ def test_a_larger_place_is_searched_near_the_camera_only(scene_map):
         T0 = _perturbed(f.T_map_cam, rng.normal(0, 0.03, 3), rng.normal(0, 1, 3))
         one, nine = (pm.refine_features(p, T0, f.image, f.K, PRIOR) for p in (place, big))
         assert one.accepted == nine.accepted and np.allclose(one.T_map_cam, nine.T_map_cam, atol=1e-6)
+
+
+def test_bench_place_as_a_user_types_it(scene_map, tiny_scene, tmp_path):
+    """`globloc bench-place`: the map and 2 x 2 copies of it, written, loaded and timed; a table, JSON and plot."""
+    import subprocess
+    import sys
+
+    pm.save_map(scene_map[0], tmp_path / 'room.map.npz')
+    run = subprocess.run([sys.executable, '-m', 'globloc', 'bench-place', '--map', str(tmp_path / 'room.map.npz'),
+                          '--bag', str(tiny_scene / 'seq_02'), '--copies', '1', '2', '--every', '8',
+                          '--json', str(tmp_path / 'p.json'), '--plot', str(tmp_path / 'p.png')],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    one, four = json.loads((tmp_path / 'p.json').read_text())['rows']
+    assert (four['copies'], four['features'], four['keyframes']) == (4, 4 * one['features'], 4 * one['keyframes'])
+    assert four['surface_points'] == 4 * one['surface_points'] and four['file_mb'] > one['file_mb']
+    assert all(r[f'{s}_ms_p50'] > 0 for r in (one, four) for s in bench_place.STAGES)
+    assert '| 4 |' in run.stdout and (tmp_path / 'p.png').stat().st_size > 10_000
+    pm.save_map(dataclasses.replace(scene_map[0], keyframe_features_start=np.zeros(0, np.int64),
+                                    keyframe_features=np.zeros(0, np.int32)), tmp_path / 'v2.map.npz')
+    run = subprocess.run([sys.executable, '-m', 'globloc', 'bench-place', '--map', str(tmp_path / 'v2.map.npz'),
+                          '--bag', str(tiny_scene / 'seq_02')], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and 'rebuild it with `globloc map`' in run.stderr.splitlines()[-1], run.stderr
 
 
 def test_feature_refinement_refuses_what_it_cannot_match(scene_map):

@@ -83,11 +83,11 @@ def ensure_model(args, train_bags: list[Path], out: Path) -> Path:
 
 
 def ensure_map(scene: Path, train_bags: list[Path]) -> Path:
-    """The map of the training sequences (scene/train.map.npz), building it if absent, unreadable or without the
-    keyframes global recovery needs (a map from before version 2)."""
+    """The map of the training sequences (scene/train.map.npz), building it if absent, unreadable or without what
+    global recovery uses today (keyframes and the features each saw: a map from before version 3)."""
     path = scene / 'train.map.npz'
     try:
-        current = len(load_map(path).keyframe_poses) > 0
+        current = len(load_map(path).keyframe_features_start) > 0
     except MapError:  # absent or unreadable: built below
         current = False
     if current:

@@ -47,3 +47,25 @@ def test_demo_fails_clearly_without_a_model(tiny_scene, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert 'model not found' in proc.stderr and 'nope.pt' in proc.stderr
+
+
+def test_demo_rebuilds_a_map_from_before_version_3_and_reuses_a_current_one(tiny_scene, tmp_path):
+    import dataclasses
+
+    import numpy as np
+
+    from globloc_ros import demo, placemap as pm
+
+    bags = [tiny_scene / 'seq_00', tiny_scene / 'seq_01']
+    path = demo.ensure_map(tmp_path, bags)  # absent: built
+    current = pm.load_map(path)
+    assert len(current.keyframe_features_start) == len(current.keyframe_poses) + 1 > 1
+    pm.save_map(dataclasses.replace(current, keyframe_features=np.zeros(0, np.int32),
+                                    keyframe_features_start=np.zeros(0, np.int64)), path)  # saved as version 2
+    assert len(pm.load_map(path).keyframe_features_start) == 0
+    demo.ensure_map(tmp_path, bags)
+    rebuilt = pm.load_map(path)
+    assert np.array_equal(rebuilt.keyframe_features, current.keyframe_features)
+    stamp = path.stat().st_mtime_ns
+    demo.ensure_map(tmp_path, bags)
+    assert path.stat().st_mtime_ns == stamp  # current: reused

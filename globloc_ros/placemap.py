@@ -391,6 +391,7 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     without_depth = []  # (uv, descriptors, K, T_map_cam) to triangulate
     keyframes = []  # (T_map_cam, K, (W, H), descriptors)
     keyframe_of, seen_keys = [], []  # per view without depth: its keyframe or -1; per keyframe: feature voxel keys
+    thinned = 0  # features already thinned to one per voxel (_thin_features)
     for view in views:
         detector = detectors[view.depth is not None]
         uv, des = detect(view.image, detector) if n_features != 0 else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
@@ -409,6 +410,9 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
             descriptors.append(des)
             if key:
                 seen_keys[-1] = _voxel_keys(X, FEATURE_VOXEL_M)
+            if sum(len(x) for x in feature_points) > thinned + 500_000:  # memory follows the place, not the frames
+                P, D, _ = _thin_features(np.concatenate(feature_points), np.concatenate(descriptors))
+                feature_points, descriptors, thinned = [P], [D], len(P)
         X = depth_points(view.depth, view.K, stride)
         n = surface_normals(X)
         ok = np.isfinite(X).all(-1) & np.isfinite(n).all(-1)
@@ -428,13 +432,8 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     descriptors = np.concatenate([*descriptors, des])
     if not len(sums) and not len(feature_points):
         raise ValueError('no recorded depth and no features triangulated between the frames: nothing to map')
-    if len(feature_points):  # the same point seen from many frames: keep FEATURES_PER_VOXEL of its descriptors
-        fkeys = _voxel_keys(feature_points, FEATURE_VOXEL_M)
-        order = np.argsort(fkeys, kind='stable')
-        first = np.r_[0, np.flatnonzero(np.diff(fkeys[order])) + 1]
-        rank = np.arange(len(fkeys)) - np.repeat(first, np.diff(np.r_[first, len(fkeys)]))
-        keep = np.sort(order[rank < FEATURES_PER_VOXEL])
-        feature_points, descriptors, fkeys = feature_points[keep], descriptors[keep], fkeys[keep]
+    if len(feature_points):
+        feature_points, descriptors, fkeys = _thin_features(feature_points, descriptors)
         keyframe_seen = [np.flatnonzero(np.isin(fkeys, k)).astype(np.int32) for k in seen_keys]
     else:
         keyframe_seen = [np.zeros(0, np.int32) for _ in keyframes]
@@ -462,6 +461,17 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
                         keyframe_bow=bow.astype(np.float16), vocabulary=vocabulary, idf=idf,
                         keyframe_features=np.concatenate(keyframe_seen),
                         keyframe_features_start=np.r_[0, np.cumsum([len(k) for k in keyframe_seen])].astype(np.int64))))
+
+
+def _thin_features(points: np.ndarray, descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The same point seen from many frames: the first FEATURES_PER_VOXEL of each FEATURE_VOXEL_M voxel, in order.
+    points (n, 3), descriptors (n, 32) -> (points (m, 3), descriptors (m, 32), voxel keys (m,))."""
+    keys = _voxel_keys(points, FEATURE_VOXEL_M)
+    order = np.argsort(keys, kind='stable')
+    first = np.r_[0, np.flatnonzero(np.diff(keys[order])) + 1]
+    rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
+    keep = np.sort(order[rank < FEATURES_PER_VOXEL])
+    return points[keep], descriptors[keep], keys[keep]
 
 
 def _moved(T0: np.ndarray, T1: np.ndarray, step: tuple[float, float]) -> bool:

@@ -424,17 +424,18 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     if pending:
         keys, sums = reduce(keys, sums, pending)
     X, des, sources = triangulate_features(without_depth, with_sources=True)
-    for f in range(len(keyframes)):  # the triangulated points a keyframe without depth saw
-        mine = np.isin(sources[:, 0], np.flatnonzero(np.array(keyframe_of) == f))
-        if mine.any():
-            seen_keys[f] = np.concatenate([seen_keys[f], _voxel_keys(X[mine], FEATURE_VOXEL_M)])
+    owner = np.array(keyframe_of, np.int64)[sources[:, 0]] if len(X) else np.zeros(0, np.int64)
+    triangulated_keys = _voxel_keys(X, FEATURE_VOXEL_M)
+    for f in np.unique(owner[owner >= 0]):  # the triangulated points each keyframe without depth saw
+        seen_keys[f] = np.concatenate([seen_keys[f], triangulated_keys[owner == f]])
     feature_points = np.concatenate([*feature_points, X])
     descriptors = np.concatenate([*descriptors, des])
     if not len(sums) and not len(feature_points):
         raise ValueError('no recorded depth and no features triangulated between the frames: nothing to map')
     if len(feature_points):
         feature_points, descriptors, fkeys = _thin_features(feature_points, descriptors)
-        keyframe_seen = [np.flatnonzero(np.isin(fkeys, k)).astype(np.int32) for k in seen_keys]
+        order = np.argsort(fkeys, kind='stable')
+        keyframe_seen = [_with_keys(fkeys[order], order, k) for k in seen_keys]
     else:
         keyframe_seen = [np.zeros(0, np.int32) for _ in keyframes]
     normals = sums[:, 3:6]
@@ -472,6 +473,16 @@ def _thin_features(points: np.ndarray, descriptors: np.ndarray) -> tuple[np.ndar
     rank = np.arange(len(keys)) - np.repeat(first, np.diff(np.r_[first, len(keys)]))
     keep = np.sort(order[rank < FEATURES_PER_VOXEL])
     return points[keep], descriptors[keep], keys[keep]
+
+
+def _with_keys(sorted_keys: np.ndarray, order: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Indices (sorted, int32) of the features whose voxel key is one of keys (k,); sorted_keys (m,) = all features'
+    keys in the order `order` (m,) sorts them."""
+    keys = np.unique(keys)
+    lo, hi = np.searchsorted(sorted_keys, keys, 'left'), np.searchsorted(sorted_keys, keys, 'right')
+    n = hi - lo
+    at = np.repeat(lo - np.r_[0, np.cumsum(n)[:-1]], n) + np.arange(n.sum())
+    return np.sort(order[at]).astype(np.int32)
 
 
 def _moved(T0: np.ndarray, T1: np.ndarray, step: tuple[float, float]) -> bool:

@@ -66,9 +66,9 @@ MAX_QUERY_POINTS = 1000  # depth points per frame; 600 doubled the worst errors,
 QUERY_FEATURES = 1000
 # ORB pyramid: 4 levels of 1.2 (scale changes up to 1.7x between a map view and a query) instead of OpenCV's 8. The
 # coarse levels' keypoints are placed to a few pixels only; with fewer levels the same number of features sit at the
-# fine ones. Image-only recovery, 10 cm / 10 deg recall, 8 -> 4 levels: SUN3D frag1 time split 28 -> 80 %, frag2
-# 96 -> 96 %, castle 67 -> 78 %; synthetic hard pass + map 96.7 -> 98.0 % (3 levels: 64, 100, 78, 97.0 %; 1 level:
-# 100, 100, 44 %; docs/experiments.md).
+# fine ones. Image-only recovery, 10 cm / 10 deg recall, 8 -> 4 levels (map version 2): SUN3D frag1 time split
+# 28 -> 80 % (72 % at version 3), frag2 96 -> 96 %, castle 67 -> 78 %; synthetic hard pass + map 96.7 -> 98.0 %
+# (3 levels: 64, 100, 78, 97.0 %; 1 level: 100, 100, 44 %; docs/experiments.md).
 ORB_LEVELS = 4
 RADII_PX = (20.0, 6.0)
 MAX_HAMMING = 50

@@ -161,10 +161,11 @@ class PlaceMap:
         reach = 1.25 * float(far.max())
         return reach if 2 * reach < np.ptp(self.feature_points, 0).max() else float('inf')
 
-    def features_near(self, centre: np.ndarray) -> np.ndarray:
-        """Indices of the features within feature_range_m of a camera centre (3,) metres (all where it is inf)."""
+    def features_near(self, centre: np.ndarray) -> np.ndarray | None:
+        """Indices of the features within feature_range_m of a camera centre (3,) metres; None where that is inf
+        (every feature: no index to build on the matching path)."""
         if not np.isfinite(self.feature_range_m):
-            return np.arange(len(self.feature_points))
+            return None
         return np.sort(np.asarray(self.feature_tree.query_ball_point(centre, self.feature_range_m), int))
 
     def build_search_trees(self) -> PlaceMap:
@@ -695,11 +696,12 @@ def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: t
     it; the best by Hamming distance if <= MAX_HAMMING and < RATIO x the second best. -> (map index (k,),
     query index (k,))."""
     near = place.features_near(c)
-    uv, z = _project(place.feature_points[near].astype(np.float64), R, c, K)
+    P = place.feature_points if near is None else place.feature_points[near]
+    uv, z = _project(P.astype(np.float64), R, c, K)
     W, H = size
     inside = (z > 0.05) & (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius) \
         & (uv[:, 1] < H + radius)
-    seen = near[inside]
+    seen = np.flatnonzero(inside) if near is None else near[inside]
     if not len(seen):
         return np.zeros(0, int), np.zeros(0, int)
     pairs = cKDTree(uv[inside]).sparse_distance_matrix(cKDTree(uv_query), radius, output_type='ndarray')

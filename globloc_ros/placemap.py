@@ -70,6 +70,15 @@ QUERY_FEATURES = 1000
 # 28 -> 80 % (72 % at version 3), frag2 96 -> 96 %, castle 67 -> 78 %; synthetic hard pass + map 96.7 -> 98.0 %
 # (3 levels: 64, 100, 78, 97.0 %; 1 level: 100, 100, 44 %; docs/experiments.md).
 ORB_LEVELS = 4
+# Features spread over the image, as ORB-SLAM spreads them, in maps of frames with depth and in the queries against
+# them: a frame's strongest corners bunch on a few textured objects, and PnP on points from a small part of the view
+# trades a sideways shift for a turn (SUN3D frag1 seen from 3-4 m: LM from the recorded pose on its own inliers ends
+# 8.8 cm off with the 1000 strongest, 6.5 cm spread). detect(spread=True) asks ORB for SPREAD_OVERSAMPLE x n corners
+# and keeps n: the strongest of each cell of a SPREAD_GRID (columns, rows), then the second strongest of each, and so
+# on. Image-only recovery against a map with depth, 10 cm / 10 deg: frag1 time split 72 -> 84 %, frag2 96 -> 100 %;
+# synthetic hard pass + map 98.0 -> 97.3 %. Triangulation (frames without depth) keeps the strongest: spread, the
+# Strecha stills gave half the points and fewer refinements (docs/experiments.md).
+SPREAD_OVERSAMPLE, SPREAD_GRID = 6, (8, 6)
 RADII_PX = (20.0, 6.0)
 MAX_HAMMING = 50
 RATIO = 0.8
@@ -129,6 +138,8 @@ class PlaceMap:
     Visibility (empty in maps from before version 3): keyframe_features (S,) int32, the indices of the features
     keyframe f saw at keyframe_features[keyframe_features_start[f]:keyframe_features_start[f + 1]] ((F + 1,) int64):
     what recovery matches against, however large the place.
+    spread_features: whether the features of frames with depth were detected spread over the image (detect); queries
+    detect theirs alike. False in maps from before.
     meta: where it came from (bags, frames)."""
     points: np.ndarray
     normals: np.ndarray
@@ -144,6 +155,7 @@ class PlaceMap:
     idf: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     keyframe_features: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     keyframe_features_start: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    spread_features: bool = False
 
     @cached_property
     def feature_tree(self) -> cKDTree:
@@ -240,21 +252,36 @@ def orb(n_features: int) -> cv2.ORB:
     return cv2.ORB_create(nfeatures=n_features, fastThreshold=10, nlevels=ORB_LEVELS)
 
 
-def detect(image: np.ndarray, detector: cv2.ORB) -> tuple[np.ndarray, np.ndarray]:
-    """ORB features of an (H, W, 3) uint8 RGB image, strongest first: (uv (n, 2) pixels, descriptors (n, 32) uint8)."""
-    kps, des = detector.detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
+def detect(image: np.ndarray, n_features: int, spread: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Up to n_features ORB features of an (H, W, 3) uint8 RGB image, strongest first: (uv (n, 2) pixels,
+    descriptors (n, 32) uint8). spread: over the image (SPREAD_GRID), else the strongest."""
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    kps, des = orb((SPREAD_OVERSAMPLE if spread else 1) * n_features).detectAndCompute(gray, None)
     if des is None:
         return np.zeros((0, 2)), np.zeros((0, 32), np.uint8)
-    strong = np.argsort([-k.response for k in kps], kind='stable')
-    return np.array([kps[i].pt for i in strong]).reshape(-1, 2), des[strong]
+    uv = np.array([k.pt for k in kps]).reshape(-1, 2)
+    response = np.array([k.response for k in kps])
+    if not spread:
+        strong = np.argsort(-response, kind='stable')
+        return uv[strong], des[strong]
+    cols, rows = SPREAD_GRID
+    H, W = gray.shape
+    cell = np.minimum(uv[:, 0] * cols // W, cols - 1) * rows + np.minimum(uv[:, 1] * rows // H, rows - 1)
+    by_cell = np.lexsort((-response, cell))
+    start = np.flatnonzero(np.r_[True, np.diff(cell[by_cell]) != 0])
+    rank = np.empty(len(kps), int)  # 0: the strongest of its cell, 1: the second, ...
+    rank[by_cell] = np.arange(len(kps)) - np.repeat(start, np.diff(np.r_[start, len(kps)]))
+    keep = np.lexsort((-response, rank))[:n_features]
+    keep = keep[np.argsort(-response[keep], kind='stable')]
+    return uv[keep], des[keep]
 
 
-def frame_features(view: View, detector: cv2.ORB,
+def frame_features(view: View, n_features: int,
                    features: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ORB features of one recorded frame with recorded depth, as (map-frame points (m, 3), descriptors (m, 32)):
     those whose depth is measured and smooth around them (not on a depth edge). features: detect()'s output for
     view.image where already computed."""
-    uv, des = detect(view.image, detector) if features is None else features
+    uv, des = detect(view.image, n_features, spread=True) if features is None else features
     if not len(des):
         return np.zeros((0, 3)), np.zeros((0, 32), np.uint8)
     u, v = np.round(uv).astype(int).T
@@ -377,8 +404,8 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     sums = np.zeros((0, 7))  # point xyz, normal xyz, count
     pending: list[np.ndarray] = []
     feature_points, descriptors = [], []
-    detectors = {True: orb(MAP_FEATURES if n_features is None else n_features),  # keyed by: the frame has depth
-                 False: orb(MAP_FEATURES_WITHOUT_DEPTH if n_features is None else n_features)}
+    counts = {True: MAP_FEATURES if n_features is None else n_features,  # keyed by: the frame has depth
+              False: MAP_FEATURES_WITHOUT_DEPTH if n_features is None else n_features}
 
     def reduce(keys, sums, chunk):
         P = np.concatenate(chunk)
@@ -393,9 +420,12 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     keyframes = []  # (T_map_cam, K, (W, H), descriptors)
     keyframe_of, seen_keys = [], []  # per view without depth: its keyframe or -1; per keyframe: feature voxel keys
     thinned = 0  # features already thinned to one per voxel (_thin_features)
+    spread = False  # features of frames with depth, spread over the image (detect)
     for view in views:
-        detector = detectors[view.depth is not None]
-        uv, des = detect(view.image, detector) if n_features != 0 else (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
+        count = counts[view.depth is not None]
+        spread |= view.depth is not None and count > 0
+        uv, des = detect(view.image, count, spread=view.depth is not None) if count else \
+            (np.zeros((0, 2)), np.zeros((0, 32), np.uint8))
         key = len(des) > 0 and (not keyframes or _moved(keyframes[-1][0], view.T_map_cam, KEYFRAME_STEP))
         if key:
             keyframes.append((view.T_map_cam, view.K, view.image.shape[1::-1], des))
@@ -406,7 +436,7 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
                 keyframe_of.append(len(keyframes) - 1 if key else -1)
             continue
         if n_features != 0:
-            X, des = frame_features(view, detector, (uv, des))
+            X, des = frame_features(view, count, (uv, des))
             feature_points.append(X)
             descriptors.append(des)
             if key:
@@ -456,6 +486,7 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
                     feature_points.astype(np.float32), descriptors.astype(np.uint8),
                     dict(meta or {}, voxels=int(consistent.sum()), observations=int(sums[:, 6].sum()),
                          features=len(feature_points), keyframes=len(keyframes)),
+                    spread_features=spread,
                     **({} if bow is None else dict(
                         keyframe_poses=np.stack([T for T, *_ in keyframes]).astype(np.float32),
                         keyframe_K=np.stack([K for _, K, *_ in keyframes]).astype(np.float32),
@@ -537,7 +568,7 @@ def save_map(place: PlaceMap, path: str | os.PathLike) -> None:
     file) as version 2."""
     visible = len(place.keyframe_features_start) == len(place.keyframe_poses) + 1
     header = json.dumps({'format': MAP_FORMAT, 'version': MAP_VERSION if visible else 2, 'voxel': place.voxel,
-                         'meta': place.meta})
+                         'spread_features': place.spread_features, 'meta': place.meta})
     atomic_write(path, lambda f: np.savez_compressed(
         f, points=place.points, normals=place.normals.astype(np.float16), feature_points=place.feature_points,
         descriptors=place.descriptors, header=header,
@@ -585,7 +616,8 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
             raise MapError(f'{path}: keyframe_features ({len(seen)}) and keyframe_features_start {start.shape} do not '
                            f'index the {len(F)} features of its keyframes')
     return PlaceMap(P.astype(np.float32), N.astype(np.float32), float(header['voxel']), F.astype(np.float32), D,
-                    header.get('meta', {}), **keyframes, **visibility)
+                    header.get('meta', {}), **keyframes, **visibility,
+                    spread_features=bool(header.get('spread_features', False)))
 
 
 # ------------------------------------------------------------------------------------------------ refinement
@@ -738,13 +770,13 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
     PNP_ERROR_PX (scaled likewise) and a correction within max_correction.
     Covariance: sigma^2 (J^T J)^-1 of the inliers' reprojection, sigma = their RMS error (>= 0.5 px), in the
     parameters of refine_icp (rotation about the camera centre, centre translation).
-    features: detect(image, orb(QUERY_FEATURES)) where already computed.
+    features: detect(image, QUERY_FEATURES, place.spread_features) where already computed.
     """
     T0 = np.asarray(T_map_cam, np.float64)
     keep_pose = lambda reason, **kw: Refinement('features', T0, False, reason, prior_covariance, **kw)  # noqa: E731
     H, W = image.shape[:2]
     scale = W / 320.0
-    uv_query, des = detect(image, orb(QUERY_FEATURES)) if features is None else features
+    uv_query, des = detect(image, QUERY_FEATURES, place.spread_features) if features is None else features
     if len(des) < MIN_PNP_INLIERS:
         return keep_pose(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     R, c = T0[:3, :3].copy(), T0[:3, 3].copy()
@@ -836,7 +868,7 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
         return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
     H, W = image.shape[:2]
     scale = W / 320.0
-    uv, des = detect(image, orb(QUERY_FEATURES))
+    uv, des = detect(image, QUERY_FEATURES, place.spread_features)
     if len(des) < MIN_PNP_INLIERS:
         return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)

@@ -83,7 +83,7 @@ def derive_edges_from_poses(T_map_cam: np.ndarray, seq: np.ndarray, adjacent_k: 
     cos_min = np.cos(np.radians(distant_angle_deg))
     rng = np.random.default_rng(seed)
     picked = []
-    block = 512  # rows per block keeps the N x N comparison within a few tens of MB
+    block = max(1, (1 << 21) // max(n, 1))  # rows per block: 2M pairs, 16 MB per float64 array, whatever N
     for a in range(0, n, block):
         rows = slice(a, min(a + block, n))
         # Component by component: numpy is slow at reducing over a length-3 last axis.

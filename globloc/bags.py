@@ -97,7 +97,7 @@ class Frame:
     frame_id: str = 'camera_optical'
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EdgeRecord:
     """One PoseGraphEdge message. Frames are named by (sequence id, image stamp in ns).
 
@@ -482,6 +482,7 @@ class BagReader:
             self._src.close()
             raise
         self.edges: list[EdgeRecord] | None = [] if 'graph' in self._roles else None
+        self._covariances: dict[bytes, np.ndarray] = {}  # the edges' covariances, one read-only array per value
 
     @property
     def expected_images(self) -> int:
@@ -554,7 +555,7 @@ class BagReader:
                 continue
             role = self._wanted[topic]
             if role == 'graph':
-                self.edges += _edge_records([(log_ns, msg)], self.path, topic, self.report)
+                self.edges += _edge_records([(log_ns, msg)], self.path, topic, self.report, self._covariances)
                 continue
             if role == 'image':
                 heapq.heappush(self._images, (_stamp(msg.header.stamp), k, log_ns, msg))
@@ -714,7 +715,11 @@ def read_sequence(path, seq: int = 0, topics: Topics = Topics(), size: tuple[int
     return Sequence(path=reader.path, seq=seq, frames=frames, report=reader.report, edges=reader.edges)
 
 
-def _edge_records(items: list, path: Path, topic: str, report: ReadReport) -> list[EdgeRecord]:
+def _edge_records(items: list, path: Path, topic: str, report: ReadReport,
+                  covariances: dict[bytes, np.ndarray]) -> list[EdgeRecord]:
+    """PoseGraphEdge messages [(log time ns, message)] -> EdgeRecords; one that does not decode is reported and
+    skipped. covariances: one read-only array per distinct covariance, shared by the edges that have it (a long
+    recording's edges mostly carry the same one: half their memory)."""
     out = []
     for log_ns, m in items:
         try:
@@ -722,9 +727,11 @@ def _edge_records(items: list, path: Path, topic: str, report: ReadReport) -> li
         except ValueError as e:
             report.corrupt.append(str(e))
             continue
+        cov = np.asarray(m.covariance, dtype=np.float64).reshape(6, 6)
+        cov = covariances.setdefault(cov.tobytes(), cov.copy())
+        cov.setflags(write=False)
         out.append(EdgeRecord(seq_i=int(m.seq_i), stamp_i_ns=_stamp(m.stamp_i), seq_j=int(m.seq_j),
-                              stamp_j_ns=_stamp(m.stamp_j), kind=int(m.kind), T_i_j=T,
-                              covariance=np.asarray(m.covariance, dtype=np.float64).reshape(6, 6).copy()))
+                              stamp_j_ns=_stamp(m.stamp_j), kind=int(m.kind), T_i_j=T, covariance=cov))
     return out
 
 

@@ -35,7 +35,7 @@ GT_SIGMA_T_M = 0.01
 GT_SIGMA_R_RAD = float(np.radians(0.5))
 
 
-@dataclass
+@dataclass(slots=True)
 class Edge:
     """i, j: global frame indices (i < j for derived edges); kind: ADJACENT or DISTANT.
 

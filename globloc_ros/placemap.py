@@ -79,6 +79,9 @@ ORB_LEVELS = 4
 # synthetic hard pass + map 98.0 -> 97.3 %. Triangulation (frames without depth) keeps the strongest: spread, the
 # Strecha stills gave half the points and fewer refinements (docs/experiments.md).
 SPREAD_OVERSAMPLE, SPREAD_GRID = 6, (8, 6)
+# FAST corner threshold (grey levels), OpenCV's. Lower (8, 7, 5) poses a synthetic stretch facing a dark brick wall
+# (72 -> 100 %), but on real images it let refinements through 17-19 cm off (docs/experiments.md): not adopted.
+FAST_THRESHOLD = 10
 RADII_PX = (20.0, 6.0)
 MAX_HAMMING = 50
 RATIO = 0.8
@@ -249,7 +252,7 @@ def surface_normals(X: np.ndarray, max_step: float = 0.1) -> np.ndarray:
 
 
 def orb(n_features: int) -> cv2.ORB:
-    return cv2.ORB_create(nfeatures=n_features, fastThreshold=10, nlevels=ORB_LEVELS)
+    return cv2.ORB_create(nfeatures=n_features, fastThreshold=FAST_THRESHOLD, nlevels=ORB_LEVELS)
 
 
 def detect(image: np.ndarray, n_features: int, spread: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -477,26 +477,31 @@ def build_map(views: Iterable[View], voxel: float = VOXEL_M, stride: int = 2, n_
     consistent = norm[:, 0] > 0.5 * sums[:, 6]  # views of the voxel agree on which way the surface faces
     points = (sums[:, :3] / sums[:, 6:])[consistent]
     normals = (normals / np.maximum(norm, 1e-12))[consistent]
-    vocabulary = learn_vocabulary([d for *_, d in keyframes])
-    idf = np.zeros(len(vocabulary), np.float32)
-    if len(vocabulary):
-        seen = np.zeros(len(vocabulary))
-        for *_, d in keyframes:
-            seen[np.unique(assign_words(d, vocabulary))] += 1
-        idf = np.log(len(keyframes) / (1.0 + seen)).clip(0).astype(np.float32)
-    bow = np.stack([bow_vector(d, vocabulary, idf) for *_, d in keyframes]) if len(vocabulary) else None
     return PlaceMap(points.astype(np.float32), normals.astype(np.float32), float(voxel),
                     feature_points.astype(np.float32), descriptors.astype(np.uint8),
                     dict(meta or {}, voxels=int(consistent.sum()), observations=int(sums[:, 6].sum()),
                          features=len(feature_points), keyframes=len(keyframes)),
-                    spread_features=spread,
-                    **({} if bow is None else dict(
-                        keyframe_poses=np.stack([T for T, *_ in keyframes]).astype(np.float32),
-                        keyframe_K=np.stack([K for _, K, *_ in keyframes]).astype(np.float32),
-                        keyframe_size=np.array([wh for *_, wh, _ in keyframes], np.int32),
-                        keyframe_bow=bow.astype(np.float16), vocabulary=vocabulary, idf=idf,
-                        keyframe_features=np.concatenate(keyframe_seen),
-                        keyframe_features_start=np.r_[0, np.cumsum([len(k) for k in keyframe_seen])].astype(np.int64))))
+                    spread_features=spread, **_keyframe_arrays(keyframes, keyframe_seen))
+
+
+def _keyframe_arrays(keyframes: list[tuple], seen: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The PlaceMap's keyframe and visibility arrays (KEYFRAME_ARRAYS, VISIBILITY_ARRAYS) of keyframes
+    [(T_map_cam (4, 4), K (3, 3), (W, H), descriptors (n, 32))] and the features each saw (seen: sorted indices);
+    a vocabulary learnt from their descriptors, idf weights and each one's bag-of-words vector. {} when no
+    vocabulary comes out."""
+    vocabulary = learn_vocabulary([d for *_, d in keyframes])
+    if not len(vocabulary):
+        return {}
+    counts = np.zeros(len(vocabulary))
+    for *_, d in keyframes:
+        counts[np.unique(assign_words(d, vocabulary))] += 1
+    idf = np.log(len(keyframes) / (1.0 + counts)).clip(0).astype(np.float32)
+    return dict(keyframe_poses=np.stack([T for T, *_ in keyframes]).astype(np.float32),
+                keyframe_K=np.stack([K for _, K, *_ in keyframes]).astype(np.float32),
+                keyframe_size=np.array([wh for *_, wh, _ in keyframes], np.int32),
+                keyframe_bow=np.stack([bow_vector(d, vocabulary, idf) for *_, d in keyframes]).astype(np.float16),
+                vocabulary=vocabulary, idf=idf, keyframe_features=np.concatenate(seen),
+                keyframe_features_start=np.r_[0, np.cumsum([len(k) for k in seen])].astype(np.int64))
 
 
 def _thin_features(points: np.ndarray, descriptors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

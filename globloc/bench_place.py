@@ -91,8 +91,8 @@ def measure(place: pm.PlaceMap, n: int, frames: list[bg.Frame], work: Path) -> d
 
 
 def table(rows: list[dict]) -> str:
-    base = rows[0]
     """Markdown: one row per size, the milliseconds with their ratio to the first row's."""
+    base = rows[0]
     out = ['| copies | area (m2) | surface points | features | keyframes | file (MB) | load (s) | trees (s) | '
            'RSS (GB) | features ms p50 | recovery ms p50 | ICP ms p50 |', '|' + '---|' * 12]
     for r in rows:

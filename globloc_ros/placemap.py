@@ -26,7 +26,7 @@ import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 import cv2
 import numpy as np
@@ -277,6 +277,11 @@ def detect(image: np.ndarray, n_features: int, spread: bool) -> tuple[np.ndarray
     keep = np.lexsort((-response, rank))[:n_features]
     keep = keep[np.argsort(-response[keep], kind='stable')]
     return uv[keep], des[keep]
+
+
+def query_features(place: PlaceMap, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A frame's QUERY_FEATURES ORB features to match against place, detected as its features were (detect)."""
+    return detect(image, QUERY_FEATURES, place.spread_features)
 
 
 def frame_features(view: View, n_features: int,
@@ -630,14 +635,18 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
 
 # ------------------------------------------------------------------------------------------------ refinement
 def refine(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
-           prior_covariance: np.ndarray) -> Refinement | None:
+           prior_covariance: np.ndarray, features: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None
+           ) -> Refinement | None:
     """The refinement this map and frame allow: ICP with a depth image (depth (H', W') metres registered to the
-    image) when the map has surfaces, else features when it has them; None when neither applies."""
+    image) when the map has surfaces, else features when it has them; None when neither applies.
+    features: gives the image's query_features, called only when features are matched (a caller that refines one
+    frame more than once detects them once)."""
     if depth is not None and len(place.points) >= MIN_POINTS:
         Kd = scale_intrinsics(K, depth.shape[1] / image.shape[1], depth.shape[0] / image.shape[0])
         return refine_icp(place, T_map_cam, depth, Kd, prior_covariance)
     if len(place.feature_points) >= MIN_PNP_INLIERS:
-        return refine_features(place, T_map_cam, image, K, prior_covariance)
+        return refine_features(place, T_map_cam, image, K, prior_covariance,
+                               features=None if features is None else features())
     return None
 
 
@@ -778,13 +787,13 @@ def refine_features(place: PlaceMap, T_map_cam: np.ndarray, image: np.ndarray, K
     PNP_ERROR_PX (scaled likewise) and a correction within max_correction.
     Covariance: sigma^2 (J^T J)^-1 of the inliers' reprojection, sigma = their RMS error (>= 0.5 px), in the
     parameters of refine_icp (rotation about the camera centre, centre translation).
-    features: detect(image, QUERY_FEATURES, place.spread_features) where already computed.
+    features: query_features(place, image) where already computed.
     """
     T0 = np.asarray(T_map_cam, np.float64)
     keep_pose = lambda reason, **kw: Refinement('features', T0, False, reason, prior_covariance, **kw)  # noqa: E731
     H, W = image.shape[:2]
     scale = W / 320.0
-    uv_query, des = detect(image, QUERY_FEATURES, place.spread_features) if features is None else features
+    uv_query, des = query_features(place, image) if features is None else features
     if len(des) < MIN_PNP_INLIERS:
         return keep_pose(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     R, c = T0[:3, :3].copy(), T0[:3, 3].copy()
@@ -861,7 +870,8 @@ def _pnp_ransac(obj: np.ndarray, img: np.ndarray, K: np.ndarray, error_px: float
 
 
 def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
-            candidates: int = RECOVERY_CANDIDATES) -> Refinement:
+            candidates: int = RECOVERY_CANDIDATES,
+            features: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> Refinement:
     """A pose from the image alone (and its depth), wherever the camera is in the mapped place.
 
     image (H, W, 3) uint8 RGB, K (3, 3) of it; depth (H', W') metres registered to it, or None.
@@ -869,6 +879,7 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
     (Hamming nearest neighbour, ratio test) to the map features those keyframes saw, PnP-RANSAC (P3P) gives
     a pose, and refine_features from it must accept (its covariance test); with a depth image and map surfaces,
     ICP from there then refines it when it accepts. Refinement.method is 'recovery' (+ '+icp').
+    features: gives the image's query_features where the caller shares them (see refine).
     """
     unknown = np.eye(6) * 1e6
     fail = lambda reason, **kw: Refinement('recovery', np.eye(4), False, reason, unknown, **kw)  # noqa: E731
@@ -876,7 +887,7 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
         return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
     H, W = image.shape[:2]
     scale = W / 320.0
-    uv, des = detect(image, QUERY_FEATURES, place.spread_features)
+    uv, des = query_features(place, image) if features is None else features()
     if len(des) < MIN_PNP_INLIERS:
         return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)

@@ -32,6 +32,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 
 import cv2
@@ -43,7 +44,7 @@ from globloc_ros.atomic import atomic_write
 from globloc_ros.frames import backproject, cell_centres, measured_depth_at_cells, pose_errors, scale_intrinsics
 from globloc_ros.net import with_measured_depth
 from globloc_ros.onnx_export import EXPORT_VERSION, GRAPH_FORMAT, INPUT_NAMES, OUTPUT_NAMES, file_sha256, onnx_graph
-from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, recover, refine
+from globloc_ros.placemap import MapError, PlaceMap, Refinement, load_map, query_features, recover, refine
 
 # ------------------------------------------------------------------------------------------ metadata schema
 # GRAPH_FORMAT, EXPORT_VERSION, INPUT_NAMES, OUTPUT_NAMES and graph_metadata: onnx_export, which writes them
@@ -759,9 +760,11 @@ class Localizer:
         """(the deciding refinement or None, path, why nothing was accepted): refine near the one-shot pose when it
         is confident, else near the prior, else recover globally."""
         starts = ([('refined', T, cov)] if confident else []) + ([('tracked', *prior)] if prior is not None else [])
+        features = cache(lambda: query_features(self.place_map, image))  # detected once, where first matched
         refinement, reasons, fits = None, [], []
         for path, T0, cov0 in starts:
-            refinement = refine(self.place_map, np.asarray(T0, np.float64), image, K, depth, np.asarray(cov0))
+            refinement = refine(self.place_map, np.asarray(T0, np.float64), image, K, depth, np.asarray(cov0),
+                                features)
             if refinement is None:
                 break  # the map has nothing this frame can be refined against
             # A direction the map does not pin (ICP against one wall) keeps the pose it started from: not verified
@@ -771,7 +774,7 @@ class Localizer:
                 fits.append(refinement.T_map_cam)
             reasons.append(f'{path}: {refinement.reason or f"{refinement.constrained} of 6 directions pinned"}')
         if refinement is not None or not starts:
-            refinement = recover(self.place_map, image, K, depth)
+            refinement = recover(self.place_map, image, K, depth, features=features)
             if refinement.accepted and (why := ambiguity(refinement.T_map_cam, fits)):
                 refinement.accepted, refinement.reason = False, why
             if refinement.accepted:

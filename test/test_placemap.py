@@ -215,6 +215,14 @@ def test_features_lie_on_the_recorded_surfaces_and_repeats_are_thinned():
     assert per_voxel.max() <= pm.FEATURES_PER_VOXEL and five.meta['features'] == len(five.feature_points)
 
 
+def test_hamming_distances_are_opencvs():
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 256, (40, 32), np.uint8), rng.integers(0, 256, (30, 32), np.uint8)
+    i, j = rng.integers(0, 40, 500), rng.integers(0, 30, 500)
+    expected = [cv2.norm(a[x], b[y], cv2.NORM_HAMMING) for x, y in zip(i, j)]
+    assert pm.hamming(a, i, b, j).tolist() == expected
+
+
 def test_feature_refinement_of_held_out_frames(scene_map):
     """Image only (160x120, so a pixel is 1-2 cm on the walls): poses moved by about 10 cm / 3.5 deg come back to a
     few cm, and a pose the matches do not pin down is refused rather than published."""

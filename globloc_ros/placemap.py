@@ -102,6 +102,9 @@ KEYFRAME_STEP = (0.05, 5.0)
 VOCABULARY_WORDS, VOCABULARY_SAMPLE = 512, 40_000
 RECOVERY_CANDIDATES = 5
 RECOVERY_RANSAC_ITERATIONS = 1000
+# A place that repeats itself (alike rooms, floors): a recovered pose is not taken when the best keyframes more than
+# REPEAT_M from it give a verified pose that far or REPEAT_DEG turned from it.
+REPEAT_M, REPEAT_DEG = 1.0, 10.0
 # The published covariance adds a floor to what the residuals give: the map's points carry errors that do not average
 # out over many matches (a depth camera's scale and registration, the recorded poses, triangulation), a share of the
 # depth. Position std: FLOOR_RELATIVE x the median depth of the matched points (features) or depth points (ICP);
@@ -881,34 +884,19 @@ def _pnp_ransac(obj: np.ndarray, img: np.ndarray, K: np.ndarray, error_px: float
     return T, inl
 
 
-def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
-            candidates: int = RECOVERY_CANDIDATES,
-            features: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> Refinement:
-    """A pose from the image alone (and its depth), wherever the camera is in the mapped place.
-
-    image (H, W, 3) uint8 RGB, K (3, 3) of it; depth (H', W') metres registered to it, or None.
-    The bag-of-words vector of the image's ORB features retrieves `candidates` keyframes; the features are matched
-    (Hamming nearest neighbour, ratio test) to the map features those keyframes saw, PnP-RANSAC (P3P) gives
-    a pose, and refine_features from it must accept (its covariance test); with a depth image and map surfaces,
-    ICP from there then refines it when it accepts. Refinement.method is 'recovery' (+ '+icp').
-    features: gives the image's query_features where the caller shares them (see refine).
-    """
+def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: np.ndarray, uv: np.ndarray,
+                  des: np.ndarray) -> Refinement:
+    """recover's search among the map features these keyframes (indices (n,)) saw: matching, PnP-RANSAC and
+    verification by refine_features. uv (n, 2), des (n, 32): the image's query_features."""
     unknown = np.eye(6) * 1e6
     fail = lambda reason, **kw: Refinement('recovery', np.eye(4), False, reason, unknown, **kw)  # noqa: E731
-    if not len(place.keyframe_bow):
-        return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
-    H, W = image.shape[:2]
-    scale = W / 320.0
-    uv, des = query_features(place, image) if features is None else features()
-    if len(des) < MIN_PNP_INLIERS:
-        return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
-    scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)
-    top = np.argsort(-scores, kind='stable')[:candidates]
+    if not len(keyframes):
+        return fail('no keyframes to search')
     if len(place.keyframe_features_start):
-        cand = place.seen_by(top)
+        cand = place.seen_by(keyframes)
     else:  # a version-2 map: the features in the keyframes' view cones, walls or not
         seen = np.zeros(len(place.feature_points), bool)
-        for f in top:
+        for f in keyframes:
             T, Kf, (w, h) = place.keyframe_poses[f].astype(np.float64), place.keyframe_K[f].astype(np.float64), \
                 place.keyframe_size[f]
             p, z = _project(place.feature_points.astype(np.float64), T[:3, :3], T[:3, 3], Kf)
@@ -918,15 +906,14 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
             return fail(f'{len(cand)} map features in the view cones of the retrieved keyframes: too many to match '
                         '(a map from before version 3: rebuild it with `globloc map`)')
     if len(cand) < MIN_PNP_INLIERS:
-        return fail(f'{len(cand)} map features in the {len(top)} retrieved keyframes < {MIN_PNP_INLIERS}')
+        return fail(f'{len(cand)} map features in the {len(keyframes)} retrieved keyframes < {MIN_PNP_INLIERS}')
     pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(p) == 2]
     good = [a for a, b in pairs if a.distance <= MAX_HAMMING and a.distance < RATIO * b.distance]
     m, q = cand[[a.trainIdx for a in good]], np.array([a.queryIdx for a in good], int)
     if len(m) < MIN_PNP_INLIERS:
         return fail(f'{len(m)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(m))
-    obj = place.feature_points[m].astype(np.float64)
-    img = uv[q].astype(np.float64)
-    T, inl = _pnp_ransac(obj, img, K, PNP_ERROR_PX * scale)
+    T, inl = _pnp_ransac(place.feature_points[m].astype(np.float64), uv[q].astype(np.float64), K,
+                         PNP_ERROR_PX * image.shape[1] / 320.0)
     if T is None:
         return fail(f'{len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}', points=len(m))
     # The RANSAC pose is a start, not a prior: how far the verification moves it is not a test here.
@@ -934,7 +921,44 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
     r.method = 'recovery'
     if not r.accepted:
         r.reason = f'verification of the retrieved pose: {r.reason}'
+    return r
+
+
+def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray | None,
+            candidates: int = RECOVERY_CANDIDATES,
+            features: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None) -> Refinement:
+    """A pose from the image alone (and its depth), wherever the camera is in the mapped place.
+
+    image (H, W, 3) uint8 RGB, K (3, 3) of it; depth (H', W') metres registered to it, or None.
+    The bag-of-words vector of the image's ORB features retrieves `candidates` keyframes; the features are matched
+    (Hamming nearest neighbour, ratio test) to the map features those keyframes saw, PnP-RANSAC (P3P) gives
+    a pose, and refine_features from it must accept (its covariance test). Then, for a place that repeats itself
+    (alike rooms): the best `candidates` keyframes more than REPEAT_M from that pose are searched the same way,
+    and where they give a verified pose REPEAT_M or REPEAT_DEG away from it, neither is taken. With a depth image
+    and map surfaces, ICP from the pose then refines it when it accepts. Refinement.method is 'recovery'
+    (+ '+icp'). features: gives the image's query_features where the caller shares them (see refine).
+    """
+    fail = lambda reason: Refinement('recovery', np.eye(4), False, reason, np.eye(6) * 1e6)  # noqa: E731
+    if not len(place.keyframe_bow):
+        return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
+    H, W = image.shape[:2]
+    uv, des = query_features(place, image) if features is None else features()
+    if len(des) < MIN_PNP_INLIERS:
+        return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
+    scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)
+    ranked = np.argsort(-scores, kind='stable')
+    r = _recover_from(place, ranked[:candidates], image, K, uv, des)
+    if not r.accepted:
         return r
+    away = np.linalg.norm(place.keyframe_poses[ranked, :3, 3] - r.T_map_cam[:3, 3], axis=1) > REPEAT_M
+    elsewhere = _recover_from(place, ranked[away][:candidates], image, K, uv, des)
+    if elsewhere.accepted:
+        moved_m, turned_deg = _correction(r.T_map_cam, elsewhere.T_map_cam[:3, :3], elsewhere.T_map_cam[:3, 3])
+        if moved_m > REPEAT_M or turned_deg > REPEAT_DEG:
+            r.accepted = False
+            r.reason = (f'the place repeats itself: the frame also fits the map {moved_m:.2f} m / {turned_deg:.1f} deg '
+                        'from there')
+            return r
     if depth is not None and len(place.points) >= MIN_POINTS:
         Kd = scale_intrinsics(K, depth.shape[1] / W, depth.shape[0] / H)
         icp = refine_icp(place, r.T_map_cam, depth, Kd, r.covariance)

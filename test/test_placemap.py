@@ -443,6 +443,20 @@ def test_recovery_from_the_image_alone_where_the_room_is_metres_away(real_bags):
     assert np.sum((err[:, 0] < 0.10) & (err[:, 1] < 10)) >= 20, err
 
 
+def test_recovery_refuses_a_place_that_repeats_itself(real_bags):
+    """Two alike rooms in one map: SUN3D frag1's first 25 frames, the even ones where they were recorded and the odd
+    ones 10 m along x. A frame of either room fits both, so recovery must not publish (it put 14 of the last 25
+    frames in the wrong room before it searched the keyframes away from its pose too)."""
+    frames = bg.read_sequence(real_bags / 'sun3d_frag1', progress=False).frames
+    away = np.eye(4)
+    away[0, 3] = 10.0
+    place = pm.build_map([pm.View(f.image, f.K, f.T_map_cam if f.index % 2 == 0 else away @ f.T_map_cam, f.depth)
+                          for f in frames[:25]])
+    results = [pm.recover(place, f.image, f.K, None) for f in frames[25:50:2]]
+    assert not any(r.accepted for r in results), [r.T_map_cam[:3, 3] for r in results if r.accepted]
+    assert sum('the place repeats itself' in r.reason for r in results) >= 10, [r.reason for r in results]
+
+
 def test_recovery_on_an_outdoor_place_of_images_and_poses_only():
     """The castle place: a map triangulated from 30 stills (no depth, no landmarks), 9 query stills 0.8-2.5 m from
     the nearest map image. Repeated windows make wrong two-view matches; a third view must confirm each point."""

@@ -201,7 +201,9 @@ class PlaceMap:
 
     @cached_property
     def tree(self) -> cKDTree:
-        return cKDTree(self.points)
+        """ICP's nearest-neighbour index of the surface points. Unbalanced with 32 points a leaf: the same answers as
+        scipy's default, 10-15 % faster to query and twice as fast to build (docs/experiments.md)."""
+        return cKDTree(self.points, leafsize=32, balanced_tree=False)
 
 
 @dataclass

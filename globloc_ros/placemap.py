@@ -890,10 +890,17 @@ def _pnp_ransac(obj: np.ndarray, img: np.ndarray, K: np.ndarray, error_px: float
     return T, inl
 
 
+def _apart(T0: np.ndarray, T1: np.ndarray) -> bool:
+    """Whether two poses T_map_cam (4, 4) lie more than REPEAT_M or REPEAT_DEG apart."""
+    moved_m, turned_deg = _correction(T0, T1[:3, :3], T1[:3, 3])
+    return moved_m > REPEAT_M or turned_deg > REPEAT_DEG
+
+
 def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: np.ndarray, uv: np.ndarray,
-                  des: np.ndarray) -> Refinement:
+                  des: np.ndarray, found: np.ndarray | None = None) -> Refinement:
     """recover's search among the map features these keyframes (indices (n,)) saw: matching, PnP-RANSAC and
-    verification by refine_features. uv (n, 2), des (n, 32): the image's query_features."""
+    verification by refine_features. uv (n, 2), des (n, 32): the image's query_features. found: T_map_cam (4, 4)
+    already recovered; a PnP pose that agrees with it (_apart) is not verified, and not accepted."""
     unknown = np.eye(6) * 1e6
     fail = lambda reason, **kw: Refinement('recovery', np.eye(4), False, reason, unknown, **kw)  # noqa: E731
     if not len(keyframes):
@@ -922,6 +929,8 @@ def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: 
                          PNP_ERROR_PX * image.shape[1] / 320.0)
     if T is None:
         return fail(f'{len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}', points=len(m))
+    if found is not None and not _apart(found, T):
+        return fail('the pose found already', points=len(m))
     # The RANSAC pose is a start, not a prior: how far the verification moves it is not a test here.
     r = refine_features(place, T, image, K, unknown, max_correction=(np.inf, 180.0), features=(uv, des))
     r.method = 'recovery'
@@ -957,14 +966,12 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
     if not r.accepted:
         return r
     away = np.linalg.norm(place.keyframe_poses[ranked, :3, 3] - r.T_map_cam[:3, 3], axis=1) > REPEAT_M
-    elsewhere = _recover_from(place, ranked[away][:candidates], image, K, uv, des)
-    if elsewhere.accepted:
+    elsewhere = _recover_from(place, ranked[away][:candidates], image, K, uv, des, found=r.T_map_cam)
+    if elsewhere.accepted and _apart(r.T_map_cam, elsewhere.T_map_cam):
         moved_m, turned_deg = _correction(r.T_map_cam, elsewhere.T_map_cam[:3, :3], elsewhere.T_map_cam[:3, 3])
-        if moved_m > REPEAT_M or turned_deg > REPEAT_DEG:
-            r.accepted = False
-            r.reason = (f'the place repeats itself: the frame also fits the map {moved_m:.2f} m / {turned_deg:.1f} deg '
-                        'from there')
-            return r
+        r.accepted = False
+        r.reason = f'the place repeats itself: the frame also fits the map {moved_m:.2f} m / {turned_deg:.1f} deg away'
+        return r
     if depth is not None and len(place.points) >= MIN_POINTS:
         Kd = scale_intrinsics(K, depth.shape[1] / W, depth.shape[0] / H)
         icp = refine_icp(place, r.T_map_cam, depth, Kd, r.covariance)

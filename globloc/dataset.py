@@ -147,21 +147,21 @@ def stream_bags(bag_args, label_fraction: float, seed: int = 0, max_frames: int 
         yield reader, (f for f in reader if not every or f.index % every)
 
 
-# Triangulated labels: ORB features per frame, twice the label budget (about a third come out as labels), at most
-# MAX_TRIANGULATION_FEATURES (matching costs grow with the square). A feature triangulated in several frame pairs
-# keeps the median point when they agree within LABEL_AGREEMENT of its distance from the camera, else none: a wrong
-# match along the epipolar line (repeated facade windows) passes the reprojection tests but rarely gives the same
-# point twice.
-MAX_TRIANGULATION_FEATURES = 5000
+# Triangulated labels: ORB features per frame, twice the label budget (about a third come out as labels), at least
+# MIN_TRIANGULATION_FEATURES and at most MAX_TRIANGULATION_FEATURES (matching costs grow with the square). A feature
+# triangulated in several frame pairs keeps the median point when they agree within LABEL_AGREEMENT of its distance
+# from the camera, else none: a wrong match along the epipolar line (repeated facade windows) passes the reprojection
+# tests but rarely gives the same point twice.
+MIN_TRIANGULATION_FEATURES, MAX_TRIANGULATION_FEATURES = 500, 5000
 LABEL_AGREEMENT = 0.02
 
 
 def triangulation_view(image: np.ndarray, K: np.ndarray, T_map_cam: np.ndarray,
                        label_fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One recorded frame's ORB features for triangulate_labels: (uv (n, 2) recorded pixels, descriptors (n, 32)
-    uint8, K, T_map_cam), twice its label budget of features (at most MAX_TRIANGULATION_FEATURES)."""
+    uint8, K, T_map_cam), twice its label budget of features (within the *_TRIANGULATION_FEATURES bounds)."""
     h, w = image.shape[:2]
-    n = min(MAX_TRIANGULATION_FEATURES, max(pm.MAP_FEATURES, 2 * bg.label_count(label_fraction, w, h)))
+    n = min(MAX_TRIANGULATION_FEATURES, max(MIN_TRIANGULATION_FEATURES, 2 * bg.label_count(label_fraction, w, h)))
     kps, des = pm.orb(n).detectAndCompute(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), None)
     uv = np.array([k.pt for k in kps], np.float64).reshape(-1, 2)
     return uv, np.zeros((0, 32), np.uint8) if des is None else des, K, T_map_cam

@@ -768,11 +768,12 @@ def _match(place: PlaceMap, R: np.ndarray, c: np.ndarray, K: np.ndarray, size: t
     query index (k,))."""
     near = place.features_near(c)
     P = place.feature_points if near is None else place.feature_points[near]
-    uv, z = _project(P.astype(np.float64), R, c, K)
+    Xc = (P - c) @ R  # camera frame; only the points in front of it are projected (as _project does)
+    front = np.flatnonzero(Xc[:, 2] > 0.05)
+    uv = (Xc[front] @ K.T)[:, :2] / Xc[front, 2:]
     W, H = size
-    inside = (z > 0.05) & (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius) \
-        & (uv[:, 1] < H + radius)
-    seen = np.flatnonzero(inside) if near is None else near[inside]
+    inside = (uv[:, 0] > -radius) & (uv[:, 0] < W + radius) & (uv[:, 1] > -radius) & (uv[:, 1] < H + radius)
+    seen = front[inside] if near is None else near[front[inside]]
     if not len(seen):
         return np.zeros(0, int), np.zeros(0, int)
     # Unbalanced trees build in half the time and give the same pairs.

@@ -38,13 +38,13 @@ test: venv
 	GLOBLOC_REQUIRE_ROS=$$(test -d $(OVERLAY) && echo 1 || echo 0) $(VENV)/bin/python -m pytest -q test
 
 demo: venv
-	$(VENV)/bin/python -m globloc_ros.demo
+	$(VENV)/bin/python -m globloc.demo
 
 demo-rgbd: venv
-	$(VENV)/bin/python -m globloc_ros.demo --depth
+	$(VENV)/bin/python -m globloc.demo --depth
 
 demo-train: venv
-	$(VENV)/bin/python -m globloc_ros.demo --train
+	$(VENV)/bin/python -m globloc.demo --train
 
 bench: venv
 	$(VENV)/bin/python -m globloc bench

@@ -16,7 +16,7 @@ def test_demo_pipeline_through_the_node(tiny_model, tmp_path, depth):
     params = tmp_path / 'params.yaml'
     params.write_text('/**:\n  ros__parameters:\n    max_residual_m: 10.0\n    min_effective_points: 1.0\n')
     env = dict(os.environ, ROS_DOMAIN_ID=str(random.randint(100, 199)), ROS_LOG_DIR=str(tmp_path / 'log'))
-    proc = subprocess.run([sys.executable, '-m', 'globloc_ros.demo', '--scene', str(scene), '--model', str(model),
+    proc = subprocess.run([sys.executable, '-m', 'globloc.demo', '--scene', str(scene), '--model', str(model),
                            '--out', str(out), '--rate', '20', '--params-file', str(params), *(['--depth'] * depth)],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -42,7 +42,7 @@ def test_demo_pipeline_through_the_node(tiny_model, tmp_path, depth):
 
 
 def test_demo_fails_clearly_without_a_model(tiny_scene, tmp_path):
-    proc = subprocess.run([sys.executable, '-m', 'globloc_ros.demo', '--scene', str(tiny_scene),
+    proc = subprocess.run([sys.executable, '-m', 'globloc.demo', '--scene', str(tiny_scene),
                            '--model', str(tmp_path / 'nope.pt'), '--out', str(tmp_path / 'demo')],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
@@ -54,7 +54,8 @@ def test_demo_rebuilds_a_map_from_before_version_3_and_reuses_a_current_one(tiny
 
     import numpy as np
 
-    from globloc_ros import demo, placemap as pm
+    from globloc import demo
+    from globloc_ros import placemap as pm
 
     bags = [tiny_scene / 'seq_00', tiny_scene / 'seq_01']
     path = demo.ensure_map(tmp_path, bags)  # absent: built

@@ -3,8 +3,9 @@
 Steps: (1) generate the default synthetic scene as bags, or reuse it; (2) take the model shipped in
 models/ (or, with --train, train one from the bags with the shipped model's recorded recipe);
 (3) start the node with `ros2 launch globloc_ros localize.launch.py` where launch is installed,
-else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while this
-process collects the published poses and the node's diagnostics; (5) print frames, poses
+else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while
+`python -m globloc_ros.listen` records the published poses and the node's diagnostics (rclpy stays out of this
+package); (5) print frames, poses
 published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
 The node refines each pose against a map of the training sequences (`globloc map`, built once into the scene
 folder; node parameter place_map): image features and PnP, or with --depth ICP. --no-map: the one-shot poses.
@@ -15,19 +16,20 @@ Every child process runs in its own process group and is killed on exit, whateve
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from globloc_ros import frames
+from globloc.bags import Topics, read_sequence
+from globloc.evaluate import plot_results, pose_metrics
 from globloc_ros.placemap import MapError, load_map
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,47 +159,39 @@ def _kill(proc: subprocess.Popen | None) -> None:
 
 
 class Collector:
-    """An rclpy node in this process: records the poses and the last diagnostics the node publishes."""
+    """The poses and the last diagnostics the node publishes, as `python -m globloc_ros.listen` (an rclpy process:
+    this package never imports rclpy) writes them to out/received.jsonl; poll() reads what came since."""
 
-    def __init__(self, namespace: str = '/globloc'):
-        import rclpy
-        from diagnostic_msgs.msg import DiagnosticArray
-        from geometry_msgs.msg import PoseStamped
-        from rclpy.qos import QoSProfile, ReliabilityPolicy
-
-        rclpy.init()
-        self.rclpy = rclpy
-        self.node = rclpy.create_node('globloc_demo_collector')
+    def __init__(self, out: Path, env: dict):
+        self.path = out / 'received.jsonl'
+        self.path.unlink(missing_ok=True)
+        self.proc = subprocess.Popen([sys.executable, '-m', 'globloc_ros.listen', str(self.path)], env=env,
+                                     start_new_session=True)
         self.poses: dict[int, np.ndarray] = {}
         self.received_at: dict[int, float] = {}
         self.diagnostics: dict[str, str] = {}
-        qos = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
-        self.node.create_subscription(PoseStamped, f'{namespace}/pose', self._on_pose, qos)
-        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 10)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._spin, daemon=True)
-        self._thread.start()
+        self.ready = False
+        self._read = 0  # bytes of the file taken so far (whole lines only)
 
-    def _spin(self) -> None:
-        while not self._stop.is_set():
-            self.rclpy.spin_once(self.node, timeout_sec=0.05)
-
-    def _on_pose(self, msg) -> None:
-        stamp = msg.header.stamp.sec * 10**9 + msg.header.stamp.nanosec
-        p, q = msg.pose.position, msg.pose.orientation
-        self.poses[stamp] = frames.pose_from_xyz_quat([p.x, p.y, p.z], [q.x, q.y, q.z, q.w])
-        self.received_at[stamp] = time.monotonic()
-
-    def _on_diag(self, msg) -> None:
-        for status in msg.status:
-            if 'globloc' in status.name:
-                self.diagnostics = {kv.key: kv.value for kv in status.values}
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, 'rb') as f:
+            f.seek(self._read)
+            data = f.read()
+        lines = data[:data.rfind(b'\n') + 1]
+        self._read += len(lines)
+        for line in lines.decode().splitlines():
+            record = json.loads(line)
+            if 'stamp_ns' in record:
+                self.poses[record['stamp_ns']] = np.array(record['T_map_cam']).reshape(4, 4)
+                self.received_at[record['stamp_ns']] = record['t']
+            elif 'diagnostics' in record:
+                self.diagnostics = record['diagnostics']
+            self.ready |= bool(record.get('ready'))
 
     def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=2)
-        self.node.destroy_node()
-        self.rclpy.try_shutdown()
+        _kill(self.proc)
 
 
 def _pose_rate(received_at: list[float]) -> float | None:
@@ -209,8 +203,6 @@ def _pose_rate(received_at: list[float]) -> float | None:
 
 def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
     """Errors of the received poses against ground truth; frames without a pose count as failures."""
-    from globloc.evaluate import plot_results, pose_metrics
-
     stamps = sorted(gt)
     T_gt = np.stack([gt[s] for s in stamps])
     ok = np.array([s in collector.poses for s in stamps])
@@ -236,7 +228,7 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog='globloc_ros.demo', description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog='globloc.demo', description=__doc__.splitlines()[0])
     parser.add_argument('--scene', type=Path, default=ROOT / 'data' / 'scene')
     parser.add_argument('--model', type=Path, default=None,
                         help='default models/globloc_synth.pt (models/globloc_synth_rgbd.pt with --depth)')
@@ -261,21 +253,19 @@ def main(argv: list[str] | None = None) -> int:
         model = ensure_model(args, bags[:-1], args.out).resolve()
 
         _step(f'reading ground truth of the held-out sequence {bags[-1].name}')
-        from globloc.bags import read_sequence
         held_out = read_sequence(bags[-1], seq=len(bags) - 1, progress=True)
         gt = {f.stamp_ns: f.T_map_cam for f in held_out.frames}
 
         env = dict(os.environ, ROS_DOMAIN_ID=os.environ.get('ROS_DOMAIN_ID', str(random.randint(1, 200))),
                    ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
         os.environ.update({k: env[k] for k in ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')})
-        from globloc.bags import Topics
         overrides = {'depth_topic': Topics.depth} if args.depth else {}
         if not args.no_map:
             overrides['place_map'] = str(ensure_map(args.scene, bags[:-1]).resolve())
         use_launch = not args.no_launch and (VENV_BIN / 'ros2').exists() and _has_launch()
         _step('starting the node with ' + ('ros2 launch' if use_launch else 'the globloc-localizer console script'))
         node = start_node(model, args.out, env, use_launch, args.params_file, overrides)
-        collector = Collector()
+        collector = Collector(args.out, env)
         _wait_for_node(collector, node, args.out / 'node.log')
 
         _step(f'replaying {bags[-1].name} ({len(gt)} frames) at {args.rate:g} frames/s')
@@ -284,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                    *topics], env=env, start_new_session=True)
         _progress_until_done(replay, collector, len(gt))
         time.sleep(1.0)  # the last frames are still in flight
+        collector.poll()
         if replay.returncode != 0:
             raise DemoError(f'replay failed with exit code {replay.returncode}')
         if node.poll() is not None:
@@ -305,11 +296,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _has_launch() -> bool:
-    try:
-        import launch_ros  # noqa: F401  (from the ros-overlay; optional)
-        return True
-    except ImportError:
-        return False
+    """Whether launch_ros (from the ros-overlay; optional) is installed."""
+    return importlib.util.find_spec('launch_ros') is not None
 
 
 def _wait_for_node(collector: Collector, node: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
@@ -317,7 +305,10 @@ def _wait_for_node(collector: Collector, node: subprocess.Popen, log: Path, time
     while time.monotonic() < deadline:
         if node.poll() is not None:
             raise DemoError(f'the node exited at start (code {node.returncode}):\n{log.read_text()[-2000:]}')
-        if collector.node.count_publishers('/globloc/pose') > 0:
+        if collector.proc.poll() is not None:
+            raise DemoError(f'the listener (python -m globloc_ros.listen) exited with code {collector.proc.returncode}')
+        collector.poll()
+        if collector.ready:
             return
         time.sleep(0.2)
     raise DemoError(f'the node did not come up within {timeout_s:.0f} s; see {log}')
@@ -327,8 +318,10 @@ def _progress_until_done(replay: subprocess.Popen, collector: Collector, total: 
     from tqdm import tqdm
     with tqdm(total=total, desc='poses received', unit='frame') as bar:
         while replay.poll() is None:
+            collector.poll()
             bar.update(len(collector.poses) - bar.n)
             time.sleep(0.5)
+        collector.poll()
         bar.update(len(collector.poses) - bar.n)
 
 

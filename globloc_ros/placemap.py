@@ -42,8 +42,8 @@ MAP_VERSION = 3  # 2: keyframes and their bag-of-words vectors (global recovery)
 # (2 cm voxel): 3 were 10 % more accurate and 1.8x slower to match.
 VOXEL_M = 0.02
 # 1000 a frame, as many as a query detects (QUERY_FEATURES), rather than 500: image-only recovery on the SUN3D time
-# splits, both ways, 4 x 25 queries: 10 cm / 10 deg 380 -> 388 %-points summed, 5 cm / 5 deg 232 -> 252, median
-# 4.5 -> 4.2 cm; queries 0.2-0.4 m from a 15-frame map 93 -> 100 % (docs/experiments.md); 9 % more time a refinement.
+# splits, both ways (4 x 25 queries), within 10 cm / 10 deg 95 -> 97 % on average, within 5 cm / 5 deg 58 -> 63 %,
+# median 4.5 -> 4.2 cm; queries 0.2-0.4 m from a 15-frame map 93 -> 100 % (docs/experiments.md).
 MAP_FEATURES = 1000
 # Frames without depth keep only the features triangulated with other frames: more per frame (castle place, 9
 # queries: 7.8 cm median, 67 % within 10 cm with 2000, against 11.0 cm and 11 % with 500; docs/relocalization.md)

@@ -41,6 +41,7 @@ where TF has it; else as it was, for prior_timeout seconds) is a prior to refine
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -728,6 +729,7 @@ def _rss_mb() -> float:
 
 
 def main(args: list[str] | None = None) -> None:
+    faulthandler.enable()  # a crash in native code (DDS, onnxruntime) leaves the Python stack in the log
     rclpy.init(args=args)
     try:
         node = LocalizerNode()

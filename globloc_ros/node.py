@@ -752,6 +752,8 @@ def main(args: list[str] | None = None) -> None:
             pass
         node.shutdown()
         executor.shutdown()
+        # Known upstream race (ros2/rclpy#178, #663): about one Ctrl-C in 15 here ends in a segfault inside
+        # destroy_node (rcl's node fini), after the worker has stopped; faulthandler then prints this stack.
         node.destroy_node()
         rclpy.try_shutdown()
 

@@ -5,8 +5,8 @@ models/ (or, with --train, train one from the bags with the shipped model's reco
 (3) start the node with `ros2 launch globloc_ros localize.launch.py` where launch is installed,
 else the `globloc-localizer` console script; (4) replay the held-out sequence over DDS while
 `python -m globloc_ros.listen` records the published poses and the node's diagnostics (rclpy stays out of this
-package); (5) print frames, poses
-published, rejected, median errors, recall, latency and frames/s, and write plots + JSON.
+package); (5) print frames, poses published, rejected, median errors, recall, latency and frames/s, and write
+plots + JSON.
 The node refines each pose against a map of the training sequences (`globloc map`, built once into the scene
 folder; node parameter place_map): image features and PnP, or with --depth ICP. --no-map: the one-shot poses.
 With --depth the replay also publishes the recorded depth and the node uses it (RGB-D, node parameter

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 import time
 
@@ -27,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('out', help='JSON lines file to write')
     parser.add_argument('--namespace', default='/globloc', help="the node's topic namespace (default /globloc)")
     args = parser.parse_args(argv)
-    rclpy.init()
-    signal.signal(signal.SIGTERM, lambda *_: rclpy.try_shutdown())
+    rclpy.init()  # its handlers turn SIGINT and SIGTERM into a shutdown
     node = rclpy.create_node('globloc_listen')
     pose_topic = f'{args.namespace}/pose'
     with open(args.out, 'w') as out:

@@ -894,6 +894,11 @@ def _pnp_ransac(obj: np.ndarray, img: np.ndarray, K: np.ndarray, error_px: float
     return T, inl
 
 
+def _not_recovered(reason: str, **stats) -> Refinement:
+    """recover's answer when it finds no pose: not accepted, the covariance of a pose not known at all."""
+    return Refinement('recovery', np.eye(4), False, reason, np.eye(6) * 1e6, **stats)
+
+
 def _apart(T0: np.ndarray, T1: np.ndarray) -> bool:
     """Whether two poses T_map_cam (4, 4) lie more than REPEAT_M or REPEAT_DEG apart."""
     moved_m, turned_deg = _correction(T0, T1[:3, :3], T1[:3, 3])
@@ -905,10 +910,8 @@ def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: 
     """recover's search among the map features these keyframes (indices (n,)) saw: matching, PnP-RANSAC and
     verification by refine_features. uv (n, 2), des (n, 32): the image's query_features. found: T_map_cam (4, 4)
     already recovered; a PnP pose that agrees with it (_apart) is not verified, and not accepted."""
-    unknown = np.eye(6) * 1e6
-    fail = lambda reason, **kw: Refinement('recovery', np.eye(4), False, reason, unknown, **kw)  # noqa: E731
     if not len(keyframes):
-        return fail('no keyframes to search')
+        return _not_recovered('no keyframes to search')
     if len(place.keyframe_features_start):
         cand = place.seen_by(keyframes)
     else:  # a version-2 map: the features in the keyframes' view cones, walls or not
@@ -920,23 +923,24 @@ def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: 
             seen |= (z > 0.05) & (p[:, 0] >= 0) & (p[:, 0] < w) & (p[:, 1] >= 0) & (p[:, 1] < h)
         cand = np.flatnonzero(seen)
         if len(cand) >= MAX_MATCHER_ROWS:
-            return fail(f'{len(cand)} map features in the view cones of the retrieved keyframes: too many to match '
-                        '(a map from before version 3: rebuild it with `globloc map`)')
+            return _not_recovered(f'{len(cand)} map features in the view cones of the retrieved keyframes: too many '
+                                  'to match (a map from before version 3: rebuild it with `globloc map`)')
     if len(cand) < MIN_PNP_INLIERS:
-        return fail(f'{len(cand)} map features in the {len(keyframes)} retrieved keyframes < {MIN_PNP_INLIERS}')
+        return _not_recovered(f'{len(cand)} map features in the {len(keyframes)} retrieved keyframes '
+                              f'< {MIN_PNP_INLIERS}')
     pairs = [p for p in cv2.BFMatcher(cv2.NORM_HAMMING).knnMatch(des, place.descriptors[cand], k=2) if len(p) == 2]
     good = [a for a, b in pairs if a.distance <= MAX_HAMMING and a.distance < RATIO * b.distance]
     m, q = cand[[a.trainIdx for a in good]], np.array([a.queryIdx for a in good], int)
     if len(m) < MIN_PNP_INLIERS:
-        return fail(f'{len(m)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(m))
+        return _not_recovered(f'{len(m)} feature matches in the retrieved keyframes < {MIN_PNP_INLIERS}', points=len(m))
     T, inl = _pnp_ransac(place.feature_points[m].astype(np.float64), uv[q].astype(np.float64), K,
                          PNP_ERROR_PX * image.shape[1] / 320.0)
     if T is None:
-        return fail(f'{len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}', points=len(m))
+        return _not_recovered(f'{len(inl)} PnP inliers of {len(m)} matches < {MIN_PNP_INLIERS}', points=len(m))
     if found is not None and not _apart(found, T):
-        return fail('the pose found already', points=len(m))
+        return _not_recovered('the pose found already', points=len(m))
     # The RANSAC pose is a start, not a prior: how far the verification moves it is not a test here.
-    r = refine_features(place, T, image, K, unknown, max_correction=(np.inf, 180.0), features=(uv, des))
+    r = refine_features(place, T, image, K, np.eye(6) * 1e6, max_correction=(np.inf, 180.0), features=(uv, des))
     r.method = 'recovery'
     if not r.accepted:
         r.reason = f'verification of the retrieved pose: {r.reason}'
@@ -957,13 +961,12 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
     and map surfaces, ICP from the pose then refines it when it accepts. Refinement.method is 'recovery'
     (+ '+icp'). features: gives the image's query_features where the caller shares them (see refine).
     """
-    fail = lambda reason: Refinement('recovery', np.eye(4), False, reason, np.eye(6) * 1e6)  # noqa: E731
     if not len(place.keyframe_bow):
-        return fail('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
+        return _not_recovered('the map has no keyframes (built before map version 2: rebuild it with `globloc map`)')
     H, W = image.shape[:2]
     uv, des = query_features(place, image) if features is None else features()
     if len(des) < MIN_PNP_INLIERS:
-        return fail(f'{len(des)} image features < {MIN_PNP_INLIERS}')
+        return _not_recovered(f'{len(des)} image features < {MIN_PNP_INLIERS}')
     scores = place.keyframe_bow.astype(np.float32) @ bow_vector(des, place.vocabulary, place.idf)
     ranked = np.argsort(-scores, kind='stable')
     r = _recover_from(place, ranked[:candidates], image, K, uv, des)

@@ -12,12 +12,15 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
 venv: $(STAMP) $(VENV)/.globloc-layout $(VENV)/.globloc_msgs
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml ros/ros2cli_venv/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	if [ -d $(OVERLAY) ]; then bash $(OVERLAY)/build.sh $(VENV); \
 	  else echo "note: $(OVERLAY) not found: no ros2 CLI, launch or tf2 here; their tests will be skipped"; fi
 	$(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e .
+	if [ -x $(VENV)/bin/ros2 ] && ! $(VENV)/bin/python -c 'import ros2run' 2>/dev/null \
+	  && ! $(VENV)/bin/python -c 'import ros2interface' 2>/dev/null; then \
+	  $(VENV)/bin/pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e ros/ros2cli_venv; fi
 	touch $(STAMP)
 
 # The editable install's ament layout in the venv's own prefix, as symlinks into this checkout (what colcon's

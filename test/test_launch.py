@@ -4,7 +4,6 @@ into this checkout, laid out by `make venv` with globloc_ros.share.link_prefix),
 globloc-replay, and this process receives the poses over DDS."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -32,17 +31,6 @@ def env(ros_env) -> dict:
     (set here alone, so that no workspace sourced by whoever runs the tests is tested instead)."""
     return dict(os.environ, PATH=os.pathsep.join([str(BIN), os.environ.get('PATH', '')]),
                 AMENT_PREFIX_PATH=str(PREFIX), VIRTUAL_ENV=str(PREFIX))
-
-
-def ros2_run(package: str, executable: str) -> list[str]:
-    """The command of `ros2 run PACKAGE EXECUTABLE`. The overlay has no ros2run (nor is it on PyPI): there, what
-    ros2 run runs, the executable of that name among ros2pkg.api.get_executable_paths (ros2run's own lookup)."""
-    if importlib.util.find_spec('ros2run') is not None:
-        return [str(ROS2), 'run', package, executable]
-    from ros2pkg.api import get_executable_paths
-    paths = [p for p in get_executable_paths(package_name=package) if os.path.basename(p) == executable]
-    assert len(paths) == 1, f'ros2 run {package} {executable}: executables found: {paths}'
-    return paths
 
 
 def test_the_package_is_in_the_venv_prefix_as_links_into_the_checkout(env):
@@ -125,8 +113,9 @@ def test_ros2_launch_with_a_missing_model_stops_with_the_reason(env, tmp_path):
 
 def test_ros2_run_localizer(env, peer, setup, tmp_path):
     log = open(tmp_path / 'run.log', 'w')
-    cmd = ros2_run('globloc_ros', 'localizer') + ['--ros-args', '-p', f'model:={setup["model"]}',
-                                                  '-p', 'diagnostics_period:=0.2']
+    # ros2run's verb in a ROS 2 install; in the venv, its own (ros/ros2cli_venv: `make venv` installs it there)
+    cmd = [str(ROS2), 'run', 'globloc_ros', 'localizer', '--ros-args', '-p', f'model:={setup["model"]}',
+           '-p', 'diagnostics_period:=0.2']
     node = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         peer.reset()

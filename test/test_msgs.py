@@ -4,6 +4,7 @@ bags written before globloc_msgs was a ROS package (test/data/pose_graph_bag, wr
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -77,6 +78,27 @@ def test_bags_carry_the_type_hash_of_the_ros_package(tiny_scene):
     assert ros_hash['type_name'] == EDGE_MSGTYPE
     assert _bag_type_hash(tiny_scene / 'seq_00') == ros_hash['hash_string']
     assert _bag_type_hash(OLD_BAG) == ros_hash['hash_string']
+
+
+def test_ros2_interface_show_prints_the_definition():
+    """`ros2 interface show globloc_msgs/msg/PoseGraphEdge` as a user types it in the venv: the .msg file as written,
+    each field of a message type followed by that type's fields, indented by a tab."""
+    pytest.importorskip('globloc_msgs.msg', reason=NEED_MSGS)
+    if not (BIN / 'ros2').exists():
+        pytest.skip(f'the ros2 CLI is not installed ({BIN / "ros2"})')
+    env = dict(os.environ, AMENT_PREFIX_PATH=sys.prefix)
+    run = subprocess.run([str(BIN / 'ros2'), 'interface', 'show', EDGE_MSGTYPE], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    shown = run.stdout.splitlines()
+    assert [line for line in shown if not line.startswith('\t')] == MSG_FILE.read_text().splitlines()
+    i = shown.index('builtin_interfaces/Time stamp_i')
+    assert shown[i + 1:i + 3] == ['\tint32 sec', '\tuint32 nanosec']
+    i = shown.index('geometry_msgs/Pose relative_pose')
+    assert shown[i + 1:i + 3] == ['\tPoint position', '\t\tfloat64 x']
+    run = subprocess.run([str(BIN / 'ros2'), 'interface', 'show', 'globloc_msgs/msg/Nope'], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and 'Nope' in run.stderr, run.stdout + run.stderr
 
 
 def test_rclpy_subscriber_receives_the_edges_that_globloc_replay_publishes(tiny_scene, monkeypatch, tmp_path):

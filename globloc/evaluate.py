@@ -591,8 +591,8 @@ def format_summary(r: dict) -> str:
             f"ungated median {_cm(r['ungated']['median_translation_m'])} / "
             f"{r['ungated']['median_rotation_deg']:.2f} deg"
             + (f"\npaths: {', '.join(f'{k} {v}' for k, v in r['paths'].items())}; published {r['published']}, "
-               f"wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg) {r['published_wrong']}, within 3 sigma "
-               f"{r['within_3_sigma']:.0%}" if 'paths' in r else '')
+               f"wrong (>= {WRONG[0] * 100:g} cm or {WRONG[1]:g} deg) {r['published_wrong']}"
+               + (f", within 3 sigma {r['within_3_sigma']:.0%}" if r['published'] else '') if 'paths' in r else '')
             + ''.join(f"\n  rejected x{n}: {reason}" for reason, n in r.get('rejection_reasons', {}).items())
             + (f"\none-shot gate for <= {g['max_wrong']:.0%} wrong on these frames: max_residual_m "
                f"{g['max_residual_m']:.3f} lets {g['published']} of {r['frames']} through, recall 10cm/10deg "

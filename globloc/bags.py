@@ -899,19 +899,9 @@ def _scene(bags: list[tuple[dict, Track]]) -> dict:
             'landmarks_bbox': _bbox(np.concatenate(boxes or [np.zeros((0, 3))]))}
 
 
-def scene_summary(sequences: list[Sequence]) -> dict:
-    """Counts and extents of sequences read by read_bags, as a JSON-friendly dict (what `globloc info` prints)."""
-    out = []
-    for s in sequences:
-        acc = _BagSummary()
-        for f in s.frames:
-            acc.add(f)
-        out.append((acc.entry(s.path, s.seq, s.report), s.track()))
-    return _scene(out)
-
-
 def summarise_bags(paths, **kwargs) -> dict:
-    """scene_summary of bags streamed (BagReader; kwargs as read_sequence): no bag is ever held in memory."""
+    """Counts and extents of bags (what `globloc info` prints), as a JSON-friendly dict; streamed (BagReader;
+    kwargs as read_sequence): no bag is ever held in memory."""
     out = []
     for i, p in enumerate(bag_paths(paths)):
         reader, acc = BagReader(p, seq=i, **kwargs), _BagSummary()

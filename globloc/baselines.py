@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import os
-import time
 from typing import NamedTuple
 
 import cv2
@@ -114,10 +113,3 @@ def pnp_pose(scene_coords: np.ndarray, K: np.ndarray, stride: int, reprojection_
     T_cam_map = fr.pose_matrix(R_cam_map, tvec.reshape(3))
     T = fr.invert_pose(T_cam_map)
     return T, bool(np.all(np.isfinite(T))), int(len(inl))
-
-
-def timed(fn, *args, **kwargs):
-    """(result, milliseconds) of one call."""
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, (time.perf_counter() - t0) * 1e3

@@ -85,13 +85,6 @@ def scale_intrinsics(K: np.ndarray, sx: float, sy: float) -> np.ndarray:
     return K2
 
 
-def scale_intrinsics_torch(K: torch.Tensor, sx: float, sy: float) -> torch.Tensor:
-    """Batched (B, 3, 3) version of scale_intrinsics."""
-    scale = K.new_tensor([[sx, 1.0, sx], [1.0, sy, sy], [1.0, 1.0, 1.0]])
-    offset = K.new_tensor([[0.0, 0.0, 0.5 * sx - 0.5], [0.0, 0.0, 0.5 * sy - 0.5], [0.0, 0.0, 0.0]])
-    return K * scale + offset
-
-
 def cell_centres(h: int, w: int, stride: int, device=None, dtype=None) -> torch.Tensor:
     """Pixel coordinates (h*w, 2) as (u, v) of the cells of a stride-s map, row-major over (i, j); dtype
     default torch.float32."""

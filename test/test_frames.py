@@ -28,8 +28,6 @@ def test_scale_intrinsics_pixel_centre_rule_matches_cell_centres():
     uv8 = np.stack([(uv[:, 0] + 0.5) / 8 - 0.5, (uv[:, 1] + 0.5) / 8 - 0.5], -1)
     assert np.allclose(uv8[:3], [[0, 0], [1, 0], [2, 0]])
     assert np.allclose(K8[:2, 2], [39.5, 29.5])  # image centre stays the centre
-    Kt = frames.scale_intrinsics_torch(torch.tensor(K)[None], 0.5, 0.25)[0].numpy()
-    assert np.allclose(Kt, frames.scale_intrinsics(K, 0.5, 0.25))
 
 
 def test_backproject_then_project_round_trip():

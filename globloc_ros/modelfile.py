@@ -8,6 +8,7 @@ Loading checks each part and raises ModelFileError naming the file and what is w
 from __future__ import annotations
 
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -42,11 +43,14 @@ def read_model_dict(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ModelFileError(f'model file not found: {path}')
     try:
-        d = torch.load(path, map_location='cpu', weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's warning would come before the one-line error
+            warnings.simplefilter('ignore', UserWarning)
+            d = torch.load(path, map_location='cpu', weights_only=True)
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ModelFileError(f'{path}: not a readable model file (truncated or corrupt?): {e}') from e
-    except Exception as e:  # pickle errors of foreign files come in many types
-        raise ModelFileError(f'{path}: not a globloc model file: {type(e).__name__}: {e}') from e
+        first_line = str(e).strip().split('\n')[0]
+        raise ModelFileError(f'{path}: not a readable model file (truncated or corrupt?): {first_line}') from e
+    except Exception as e:  # pickle errors of foreign files come in many types, with pages of advice
+        raise ModelFileError(f'{path}: not a globloc model file (torch.load: {type(e).__name__})') from e
     if not isinstance(d, dict) or d.get('format') != FORMAT:
         raise ModelFileError(f"{path}: not a globloc model file (no 'format': '{FORMAT}' entry)")
     if d.get('version') != FORMAT_VERSION:

@@ -611,6 +611,10 @@ def load_map(path: str | os.PathLike) -> PlaceMap:
     path = Path(path)
     if not path.is_file():
         raise MapError(f'map file not found: {path} (build one with `globloc map`)')
+    with open(path, 'rb') as f:
+        zip_magic = f.read(4) == b'PK\x03\x04'
+    if not zip_magic:  # np.load would take any other file for a pickle
+        raise MapError(f'{path}: not a globloc map file (not an .npz archive; build one with `globloc map`)')
     try:
         with np.load(path, allow_pickle=False) as z:
             header = json.loads(str(z['header']))

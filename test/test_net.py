@@ -1,4 +1,6 @@
 """GlobLocNet's outputs and the model file's checks."""
+import pickle
+
 import pytest
 import torch
 
@@ -85,6 +87,11 @@ def test_model_file_errors(tmp_path):
     torch.save({'weights': torch.zeros(3)}, foreign)
     with pytest.raises(ModelFileError, match='not a globloc model'):
         load_model(foreign)
+    for name, content in {'text.pt': b'# a README\n', 'pickle.pt': pickle.dumps(object())}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ModelFileError, match=name) as e:
+            load_model(tmp_path / name)
+        assert '\n' not in str(e.value), str(e.value)  # one line, not torch's pages of advice
     d = torch.load(good, weights_only=True)
     d['version'] = 99
     torch.save(d, tmp_path / 'future.pt')

@@ -29,7 +29,8 @@ def share_file(relative: str) -> tuple[Path | None, list[Path]]:
 # ---- the ament layout of an editable install ------------------------------------------------------------------
 SOURCE = Path(__file__).resolve().parents[1]  # the checkout, for an editable install
 SHARE_DIRS = ('launch', 'config', 'models')  # share/globloc_ros/<dir>: what ros/globloc_ros/setup.py installs
-EXECUTABLES = {'localizer': 'globloc-localizer', 'replay': 'globloc-replay'}  # lib/globloc_ros/<name> -> bin/<script>
+# lib/globloc_ros/<name> -> bin/<script>: the executables ros/globloc_ros/setup.py installs
+EXECUTABLES = {'globloc': 'globloc', 'localizer': 'globloc-localizer', 'replay': 'globloc-replay'}
 
 
 def link_prefix(prefix: Path, source: Path = SOURCE) -> Path:
@@ -39,7 +40,7 @@ def link_prefix(prefix: Path, source: Path = SOURCE) -> Path:
 
         share/ament_index/resource_index/packages/globloc_ros     the marker
         share/globloc_ros/package.xml, share/globloc_ros/{launch,config,models}/<file>
-        lib/globloc_ros/{localizer,replay} -> bin/globloc-{localizer,replay} (the console scripts of the install)
+        lib/globloc_ros/{globloc,localizer,replay} -> bin/globloc{,-localizer,-replay} (the install's console scripts)
 
     Folders are real and their files links (ros2 launch finds launch files with os.walk, which does not follow
     linked folders). Links of files no longer in the checkout are removed; links that are right are left alone,

@@ -40,7 +40,8 @@ def test_the_package_is_in_the_venv_prefix_as_links_into_the_checkout(env):
         run.stdout + run.stderr + '\n(`make venv` lays the package out in the venv: python -m globloc_ros.share .venv)'
     run = subprocess.run([str(ROS2), 'pkg', 'executables', 'globloc_ros'], env=env, capture_output=True, text=True,
                          timeout=60)
-    assert run.stdout.split('\n')[:2] == ['globloc_ros localizer', 'globloc_ros replay'], run.stdout + run.stderr
+    assert run.stdout.split('\n')[:3] == ['globloc_ros globloc', 'globloc_ros localizer', 'globloc_ros replay'], \
+        run.stdout + run.stderr
     # Links, so that an edit in the checkout is what runs next time (colcon's --symlink-install does the same).
     assert (SHARE / 'launch' / 'localize.launch.py').resolve() == REPO / 'launch' / 'localize.launch.py'
     assert (SHARE / 'config' / 'localizer.yaml').resolve() == REPO / 'config' / 'localizer.yaml'

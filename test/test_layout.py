@@ -180,12 +180,13 @@ def test_executables_go_to_lib_the_ament_python_way_and_the_commands_to_bin():
     assert cfg['develop']['script_dir'] == cfg['install']['install_scripts'] == '$base/lib/globloc_ros'
     setup = (PKG / 'setup.py').read_text()
     for piece in ("'localizer = globloc_ros.node:main'", "'replay = globloc_ros.replay:main'",
+                  "'globloc = globloc.cli:main'",
                   "'resource/' + package_name", "'launch/*.launch.py'", "'config/*.yaml'", "'models/*'"):
         assert piece in setup, piece
     launch = (ROOT / 'launch' / 'localize.launch.py').read_text()
     assert "Node(package='globloc_ros', executable='localizer'" in launch
     from globloc_ros import share
-    assert set(share.EXECUTABLES) == {'localizer', 'replay'}  # the venv's lib/globloc_ros (make venv)
+    assert set(share.EXECUTABLES) == {'globloc', 'localizer', 'replay'}  # the venv's lib/globloc_ros (make venv)
 
 
 def test_colcon_packages_link_to_the_one_copy_of_each_file():

@@ -743,6 +743,10 @@ def main(args: list[str] | None = None) -> None:
         executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        if node.context.ok():
+            raise
+        # Ctrl-C shut the context down while a callback was using it (rcl raises 'context is invalid'): done.
     finally:
         # rclpy's SIGINT handler shuts the context down and then lets Python raise KeyboardInterrupt, which
         # could land anywhere in this cleanup: ignore further SIGINTs (a pending one included) while cleaning up.

@@ -57,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
                     ready = True
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
+        except Exception:
+            if rclpy.ok():
+                raise
+            # the shutdown came while a call was using the context ('context is invalid'): done
     node.destroy_node()
     rclpy.try_shutdown()
     return 0

@@ -251,6 +251,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--out', type=Path, default=None, help='with --record: JSON of sent and received stamps')
 
 
+def _spin(executor) -> None:
+    """The executor's loop, in a thread; its end at Ctrl-C (the context shut down under it) is no error."""
+    try:
+        executor.spin()
+    except ExternalShutdownException:
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog='globloc-replay', description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -268,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     recorder = Recorder(node, args.record) if args.record else None
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner = threading.Thread(target=_spin, args=(executor,), daemon=True)
     spinner.start()
     qos = qos_profile_sensor_data if args.qos == 'sensor_data' else QoSProfile(
         depth=10, reliability=ReliabilityPolicy.RELIABLE)

@@ -10,9 +10,9 @@ stops when the localizer exits; a bad model or parameter ends `ros2 launch` with
 """
 from pathlib import Path
 
-from ament_index_python.packages import get_package_share_directory
+from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, EmitEvent, OpaqueFunction, RegisterEventHandler
+from launch.actions import DeclareLaunchArgument, EmitEvent, LogInfo, OpaqueFunction, RegisterEventHandler
 from launch.event_handlers import OnProcessExit
 from launch.events import Shutdown
 from launch.substitutions import LaunchConfiguration
@@ -55,8 +55,12 @@ def _actions(context):
     actions = [localizer,
                RegisterEventHandler(OnProcessExit(target_action=localizer, on_exit=_on_localizer_exit))]
     if arg['use_rviz'].lower() in ('true', '1', 'yes'):
-        actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
-                            arguments=['-d', str(SHARE / 'config' / 'globloc.rviz')]))
+        try:
+            get_package_share_directory('rviz2')
+            actions.append(Node(package='rviz2', executable='rviz2', name='rviz2', output='screen',
+                                arguments=['-d', str(SHARE / 'config' / 'globloc.rviz')]))
+        except PackageNotFoundError:  # a headless robot or the venv: the localizer runs all the same
+            actions.append(LogInfo(msg="use_rviz: rviz2 is not installed (no package 'rviz2'): running without RViz"))
     if arg['bag']:
         actions.append(Node(package='globloc_ros', executable='replay', name='globloc_replay', output='screen',
                             arguments=[arg['bag'], '--rate', arg['replay_rate']]))

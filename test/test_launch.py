@@ -72,7 +72,8 @@ def test_ros2_launch_localizes_a_replayed_bag(env, peer, setup, tmp_path):
     params_file.write_text(yaml.safe_dump(params))
     log = open(tmp_path / 'launch.log', 'w')
     launch = subprocess.Popen([str(ROS2), 'launch', 'globloc_ros', 'localize.launch.py', f'model:={setup["model"]}',
-                               f'params_file:={params_file}', 'publish_tf:=map_to_camera'],
+                               f'params_file:={params_file}', 'publish_tf:=map_to_camera',
+                               'use_rviz:=true'],  # rviz2 is not in the venv's prefix: the launch goes on without
                               env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         peer.reset()
@@ -101,6 +102,7 @@ def test_ros2_launch_localizes_a_replayed_bag(env, peer, setup, tmp_path):
         log.close()
     out = (tmp_path / 'launch.log').read_text()
     assert 'process has finished cleanly' in out and code == 0, out
+    assert "use_rviz: rviz2 is not installed (no package 'rviz2'): running without RViz" in out
 
 
 def test_ros2_launch_with_a_missing_model_stops_with_the_reason(env, tmp_path):

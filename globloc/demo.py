@@ -269,9 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         _wait_for_node(collector, node, args.out / 'node.log')
 
         _step(f'replaying {bags[-1].name} ({len(gt)} frames) at {args.rate:g} frames/s')
-        topics = ['--topics', Topics.image, Topics.compressed, Topics.camera_info, Topics.depth] if args.depth else []
-        replay = subprocess.Popen([str(VENV_BIN / 'globloc-replay'), str(bags[-1]), '--rate-hz', str(args.rate),
-                                   *topics], env=env, start_new_session=True)
+        replay = subprocess.Popen([str(VENV_BIN / 'globloc-replay'), str(bags[-1]), '--rate-hz', str(args.rate)],
+                                  env=env, start_new_session=True)
         _progress_until_done(replay, collector, len(gt))
         time.sleep(1.0)  # the last frames are still in flight
         collector.poll()

@@ -45,7 +45,7 @@ from rclpy.utilities import remove_ros_args
 from globloc_ros.bagfiles import Topics, bag_paths
 from globloc_ros.share import share_file
 
-DEFAULT_TOPICS = (Topics.image, Topics.compressed, Topics.camera_info)
+DEFAULT_TOPICS = (Topics.image, Topics.compressed, Topics.camera_info, Topics.depth)  # those the bag has
 IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
 LARGE_DATA_PROFILE = 'fastdds_large_data.xml'
 
@@ -239,7 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument('--rate-hz', type=float, default=None, help='a fixed image rate instead of the recorded one')
     pace.add_argument('--fast', action='store_true', help='no waiting between messages')
     parser.add_argument('--topics', nargs='+', default=list(DEFAULT_TOPICS),
-                        help='topics to publish (default: the camera topics of the data contract)')
+                        help='topics to publish (default: those of the data contract\'s camera topics the bag has: image or '
+                             'compressed image, CameraInfo, depth)')
     parser.add_argument('--loop', action='store_true', help='play again until interrupted (or --duration)')
     parser.add_argument('--duration', type=float, default=None, help='stop after this many seconds')
     parser.add_argument('--restamp', action='store_true', help='header stamps = wall-clock time of publishing')

@@ -48,7 +48,8 @@ ANGLE_BINS_DEG = (0.0, 10.0, 20.0, 30.0, 45.0, 60.0, 180.0)  # ... and against t
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--model', required=True, help='model file')
+    p.add_argument('--model', required=True,
+                   help='model file (.pt; --backend onnxruntime converts it as the node does)')
     p.add_argument('--bags', nargs='+', required=True, help='test bags (folders/files or a folder of bag folders)')
     p.add_argument('--split', default='all', help="'all' or 'every:K' (every K-th frame of each bag)")
     p.add_argument('--json', default=None, help='write the report here')
@@ -627,6 +628,9 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if not Path(args.model).exists():
         raise FileNotFoundError(f'model file not found: {args.model}')
+    if Path(args.model).suffix in ('.onnx', '.engine', '.plan', '.ts'):
+        raise ValueError(f'{args.model}: eval takes the .pt model file it was exported from (--backend onnxruntime '
+                         'runs it through ONNX Runtime as the node does)')
     if args.sequential and not args.map:
         raise ValueError('--sequential needs --map (the stream behaviour tracks against the map)')
     r = evaluate(args.model, args.bags, split=args.split, backend=args.backend, method=args.method,

@@ -174,6 +174,9 @@ def test_cli_prints_ops_and_refuses_bad_options(model_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(['export', '--model', str(tmp_path / 'missing.pt'), '--format', 'onnx', '--out', str(out)])
     assert e.value.code == 2 and 'not found' in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the exported graph given to eval: it says which file it takes
+        cli_main(['eval', '--model', str(out), '--bags', str(tmp_path)])
+    assert e.value.code == 2 and 'eval takes the .pt model file' in capsys.readouterr().err
 
 
 def _has_tensorrt() -> bool:

@@ -180,7 +180,9 @@ def test_node_module_needs_no_tf2_at_import():
     (['-p', 'publish_tf:=map_to_moon'], r"parameter 'publish_tf': 'map_to_moon' is not one of"),
     (['-p', 'max_residual_m:=-1.0'], r"parameter 'max_residual_m': .*out of range"),  # rclpy checks the range
     (['-p', 'min_effective_points:=-1'], r"parameter 'min_effective_points': -1\.0 is outside"),  # we check ints
-    (['-p', 'threads:=many'], r"parameter 'threads': expected a int"),
+    (['-p', 'threads:=many'], r"parameter 'threads': expected an int, got 'many'"),
+    (['-p', 'publish_tf:=yes'], r"parameter 'publish_tf': expected one of none, map_to_camera, map_to_odom, got True "
+                                r"\(bool: yes, no, on, off, true and false read as booleans\)"),
     (['-p', 'place_map:=/nonexistent/place.map.npz'],
      r"parameter 'place_map': map file not found: /nonexistent/place\.map\.npz"),
     (['-p', 'place_map:=TRUNCATED'], r"parameter 'place_map': .*truncated\.map\.npz: not a readable globloc map"),

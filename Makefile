@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 
 venv: $(STAMP) $(VENV)/.globloc-layout $(VENV)/.globloc_msgs
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml ros/ros2cli_venv/pyproject.toml
+$(STAMP): requirements.txt requirements-ros.txt requirements-dev.txt pyproject.toml ros/ros2cli_venv/pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --disable-pip-version-check -q -r requirements-dev.txt
 	if [ -d $(OVERLAY) ]; then bash $(OVERLAY)/build.sh $(VENV); \

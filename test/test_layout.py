@@ -170,6 +170,10 @@ def test_pip_requirements_list_what_the_code_imports():
         name = PYPI.get(module, module).lower()
         assert name in pins, f'{module}: requirements.txt has no {name}==<version>'
         assert name in declared, f'{module}: pyproject.toml does not list {name}'
+    # A ROS 2 workspace installs requirements.txt as it is: no ROS 2 wheel there to shadow the distro's own.
+    assert not [p for p in pins if p.startswith('ros-')], pins
+    ros = (ROOT / 'requirements-ros.txt').read_text()
+    assert 'ros-rclpy==' in ros and '-r requirements-ros.txt' in (ROOT / 'requirements-dev.txt').read_text()
 
 
 def test_executables_go_to_lib_the_ament_python_way_and_the_commands_to_bin():

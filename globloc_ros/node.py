@@ -149,7 +149,8 @@ def _check_param(p: Param, value) -> object:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)  # `-p max_residual_m:=1` is a fine way to say 1.0
     if type(value) is not kind:
-        expected = f"one of {', '.join(p.choices)}" if p.choices else {int: 'an int', float: 'a float', str: 'a string', bool: 'a bool'}[kind]
+        expected = (f"one of {', '.join(p.choices)}" if p.choices
+                    else {int: 'an int', float: 'a float', str: 'a string', bool: 'a bool'}[kind])
         raise ConfigError(f"parameter '{p.name}': expected {expected}, got {value!r} ({type(value).__name__}"
                           + (': yes, no, on, off, true and false read as booleans' if isinstance(value, bool) else '')
                           + ')')

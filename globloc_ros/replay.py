@@ -239,8 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     pace.add_argument('--rate-hz', type=float, default=None, help='a fixed image rate instead of the recorded one')
     pace.add_argument('--fast', action='store_true', help='no waiting between messages')
     parser.add_argument('--topics', nargs='+', default=list(DEFAULT_TOPICS),
-                        help='topics to publish (default: those of the data contract\'s camera topics the bag has: image or '
-                             'compressed image, CameraInfo, depth)')
+                        help="topics to publish (default: those of the data contract's camera topics the bag has: "
+                             'image or compressed image, CameraInfo, depth)')
     parser.add_argument('--loop', action='store_true', help='play again until interrupted (or --duration)')
     parser.add_argument('--duration', type=float, default=None, help='stop after this many seconds')
     parser.add_argument('--restamp', action='store_true', help='header stamps = wall-clock time of publishing')

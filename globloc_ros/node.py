@@ -387,6 +387,10 @@ class LocalizerNode(Node):
             + (f'refined against {self.cfg["place_map"]} ' if self.cfg['place_map'] else '')
             + f'({lz.backend}, {lz.device}, {lz.precision}, input {lz.input_size[0]}x{lz.input_size[1]}); '
             f'poses on {self.pub_pose.topic_name}, TF {self.cfg["publish_tf"]}')
+        if not self.cfg['place_map']:
+            self.get_logger().warning(
+                'no place_map: confident one-shot poses go out unverified, and on views away from the recorded '
+                'paths some are decimetres off; build a map with `globloc map` and pass place_map:=')
 
     # ------------------------------------------------------------------------------------- start-up
     def _read_parameters(self) -> dict:

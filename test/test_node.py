@@ -222,6 +222,9 @@ class TestCameraTF:
         yield node
         assert node.stop() == 0, node.output()
 
+    def test_without_a_map_it_warns_that_poses_go_out_unverified(self, node):
+        assert 'no place_map: confident one-shot poses go out unverified' in node.output()
+
     def test_poses_equal_the_offline_localizer_and_carry_the_image_stamp(self, node, peer, setup):
         lz = offline(setup['model'])
         errors = []
@@ -527,6 +530,7 @@ class TestDepthMap:
                                  '-p', f'place_map:={map_path}', '-p', 'depth_wait:=0.5', '-p', 'qos:=reliable',
                                  '-p', 'diagnostics_period:=0.1', '-p', 'prior_timeout:=0.0', *PERMISSIVE], log)
         assert peer.wait(lambda: peer.pub_depth.get_subscription_count() > 0, timeout=10)
+        assert 'no place_map' not in node.output()
         yield node
         assert node.stop() == 0, node.output()
 

@@ -210,7 +210,7 @@ def report(gt: dict[int, np.ndarray], collector: Collector, out: Path) -> dict:
     summary = pose_metrics(T_est, T_gt, ok)[0]
     diag = collector.diagnostics
     summary.update({
-        'frames': len(stamps), 'poses_published': int(sum(s in collector.poses for s in stamps)),
+        'frames': len(stamps), 'poses_published': int(ok.sum()),
         'rejected': diag.get('frames_rejected'), 'dropped': diag.get('frames_dropped'),
         # replayed images carry their recorded stamps, so latency is measured from the node's receipt
         'latency_p50_ms': diag.get('latency_receive_to_publish_p50_ms'),

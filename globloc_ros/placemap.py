@@ -903,10 +903,11 @@ def _not_recovered(reason: str, **stats) -> Refinement:
     return Refinement('recovery', np.eye(4), False, reason, np.eye(6) * 1e6, **stats)
 
 
-def _apart(T0: np.ndarray, T1: np.ndarray) -> bool:
-    """Whether two poses T_map_cam (4, 4) lie more than REPEAT_M or REPEAT_DEG apart."""
+def _apart(T0: np.ndarray, T1: np.ndarray) -> tuple[float, float] | None:
+    """(metres, degrees) between two poses T_map_cam (4, 4) when they lie more than REPEAT_M or REPEAT_DEG apart,
+    else None."""
     moved_m, turned_deg = _correction(T0, T1[:3, :3], T1[:3, 3])
-    return moved_m > REPEAT_M or turned_deg > REPEAT_DEG
+    return (moved_m, turned_deg) if moved_m > REPEAT_M or turned_deg > REPEAT_DEG else None
 
 
 def _recover_from(place: PlaceMap, keyframes: np.ndarray, image: np.ndarray, K: np.ndarray, uv: np.ndarray,
@@ -978,8 +979,8 @@ def recover(place: PlaceMap, image: np.ndarray, K: np.ndarray, depth: np.ndarray
         return r
     away = np.linalg.norm(place.keyframe_poses[ranked, :3, 3] - r.T_map_cam[:3, 3], axis=1) > REPEAT_M
     elsewhere = _recover_from(place, ranked[away][:candidates], image, K, uv, des, found=r.T_map_cam)
-    if elsewhere.accepted and _apart(r.T_map_cam, elsewhere.T_map_cam):
-        moved_m, turned_deg = _correction(r.T_map_cam, elsewhere.T_map_cam[:3, :3], elsewhere.T_map_cam[:3, 3])
+    if elsewhere.accepted and (gap := _apart(r.T_map_cam, elsewhere.T_map_cam)):
+        moved_m, turned_deg = gap
         r.accepted = False
         r.reason = f'the place repeats itself: the frame also fits the map {moved_m:.2f} m / {turned_deg:.1f} deg away'
         return r
